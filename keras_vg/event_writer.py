@@ -1,0 +1,128 @@
+"""Writes keras-vg records into TensorBoard event files, on the host.
+
+The writer uses TensorBoard's own `EventFileWriter` (the one PyTorch's
+`SummaryWriter` uses too), so no TensorFlow op runs and nothing is added to the
+compiled train step. The layout of what it writes is `keras_vg.format`.
+"""
+
+import os
+import time
+
+import numpy as np
+
+from keras_vg import format as fmt
+
+
+class EventWriter:
+    """Appends keras-vg tensors to one event file in `log_dir`.
+
+    The file is created on the first write ("avoid creating event files when
+    not needed"). Each tag's first event carries its metadata, as TensorBoard
+    reads metadata from a tag's first event only.
+
+    Args:
+        log_dir: Directory of the run. Created if missing.
+        flush_secs: Longest time a written record may stay in memory before
+            it is flushed to disk. Defaults to `10`.
+
+    Example:
+
+    >>> writer = EventWriter("/tmp/logs/run1")
+    >>> writer.write_stat("grad_norm", step=0, values=[0.5], names=["dense/kernel"])
+    >>> writer.close()
+    """
+
+    def __init__(self, log_dir, flush_secs=10):
+        self.log_dir = os.fspath(log_dir)
+        self.flush_secs = flush_secs
+        self._writer = None
+        self._tags_with_metadata = set()
+
+    def _file_writer(self):
+        if self._writer is None:
+            # Imported here: the TensorBoard writer starts a thread on creation.
+            from tensorboard.summary.writer.event_file_writer import EventFileWriter
+
+            os.makedirs(self.log_dir, exist_ok=True)
+            self._writer = EventFileWriter(
+                self.log_dir, max_queue_size=1000, flush_secs=self.flush_secs,
+                filename_suffix=".keras_vg",
+            )
+            self._tags_with_metadata = set()
+        return self._writer
+
+    def _add(self, tag, step, tensor_proto, metadata):
+        from tensorboard.compat.proto import event_pb2, summary_pb2
+
+        value = summary_pb2.Summary.Value(tag=tag, tensor=tensor_proto)
+        if tag not in self._tags_with_metadata:
+            value.metadata.CopyFrom(metadata())
+            self._tags_with_metadata.add(tag)
+        event = event_pb2.Event(
+            wall_time=time.time(), step=int(step), summary=summary_pb2.Summary(value=[value])
+        )
+        self._file_writer().add_event(event)
+
+    def _plugin_metadata(self, content):
+        from tensorboard.compat.proto import summary_pb2
+
+        return summary_pb2.SummaryMetadata(
+            plugin_data=summary_pb2.SummaryMetadata.PluginData(
+                plugin_name=fmt.PLUGIN_NAME, content=content
+            ),
+            data_class=summary_pb2.DATA_CLASS_TENSOR,
+        )
+
+    def write_stat(self, name, step, values, names=None):
+        """Writes one statistic at one step.
+
+        Args:
+            name: A name from `keras_vg.format.STATS`.
+            step: The optimizer step the values belong to.
+            values: Per-variable or per-layer values (1-D), or one scalar.
+            names: The variable paths or layer names, for per-variable and
+                per-layer statistics.
+        """
+        from tensorboard.util import tensor_util
+
+        tag = fmt.tag_for(name)
+        array = np.asarray(values, dtype=np.float32)
+        if fmt.axis_of(name) == fmt.AXIS_SCALAR:
+            array = array.reshape(())
+        self._add(
+            tag, step, tensor_util.make_tensor_proto(array),
+            lambda: self._plugin_metadata(fmt.encode_metadata(name, names)),
+        )
+
+    def write_json(self, name, step, value):
+        """Writes the events list or the model summary as a JSON string tensor."""
+        from tensorboard.util import tensor_util
+
+        tag = fmt.tag_for(name)
+        proto = tensor_util.make_tensor_proto(np.array(fmt.encode_json(value), dtype=object))
+        self._add(tag, step, proto, lambda: self._plugin_metadata(fmt.encode_metadata(name)))
+
+    def write_scalar(self, tag, step, value):
+        """Writes a plain scalar that TensorBoard's stock Scalars tab shows."""
+        from tensorboard.compat.proto import summary_pb2
+        from tensorboard.util import tensor_util
+
+        def metadata():
+            return summary_pb2.SummaryMetadata(
+                plugin_data=summary_pb2.SummaryMetadata.PluginData(plugin_name="scalars"),
+                data_class=summary_pb2.DATA_CLASS_SCALAR,
+            )
+
+        proto = tensor_util.make_tensor_proto(np.asarray(value, dtype=np.float32).reshape(()))
+        self._add(tag, step, proto, metadata)
+
+    def flush(self):
+        """Writes everything queued so far to disk."""
+        if self._writer is not None:
+            self._writer.flush()
+
+    def close(self):
+        """Flushes and closes the file. A later write opens a new file."""
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None

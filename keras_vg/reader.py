@@ -1,0 +1,179 @@
+"""Reads keras-vg event files back into numpy arrays. TensorFlow-free.
+
+Example:
+
+>>> run = read_run("logs/run1")                       # doctest: +SKIP
+>>> steps, names, values = run.stat("grad_norm")      # doctest: +SKIP
+"""
+
+import glob
+import os
+
+import numpy as np
+
+from keras_vg import format as fmt
+
+
+def _event_files(directory):
+    return sorted(glob.glob(os.path.join(directory, "*tfevents*")))
+
+
+def _load_file(path):
+    """Yields (step, wall_time, name, metadata_content_or_None, TensorProto) for our tags."""
+    from tensorboard.backend.event_processing.event_file_loader import RawEventFileLoader
+    from tensorboard.compat.proto import event_pb2
+
+    for record in RawEventFileLoader(path).Load():
+        event = event_pb2.Event.FromString(record)
+        if not event.HasField("summary"):
+            continue
+        for value in event.summary.value:
+            name = fmt.name_for(value.tag)
+            if name is None:
+                continue
+            content = None
+            if value.HasField("metadata") and value.metadata.plugin_data.plugin_name == fmt.PLUGIN_NAME:
+                content = value.metadata.plugin_data.content
+            yield event.step, event.wall_time, name, content, value.tensor
+
+
+class Run:
+    """The keras-vg records of one run directory, as numpy arrays.
+
+    Build it with `read_run`. Steps are the optimizer's `iterations` before
+    the update. Where a step was recorded twice (a resumed run that repeated
+    steps), the record written last wins.
+    """
+
+    def __init__(self, log_dir, series, metadata, json_records):
+        self.log_dir = log_dir
+        self._series = series  # name -> {step: 1-D array}
+        self._metadata = metadata  # name -> decoded metadata (latest)
+        self._json = json_records  # name -> list of (step, value)
+
+    def stats(self):
+        """Returns the names of the statistics present, in `format.STATS` order."""
+        return [name for name in fmt.STATS if name in self._series]
+
+    def stat(self, name):
+        """Returns one statistic over time.
+
+        Args:
+            name: A statistic name from `keras_vg.format.STATS`.
+
+        Returns:
+            `(steps, names, values)`: `steps` an int64 array `[T]`; `names`
+            the list of `N` variable paths or layer names (empty for a
+            scalar statistic); `values` a float32 array `[T, N]`, or `[T]`
+            for a scalar statistic. A name missing at some step (the model
+            changed between two `fit` calls) reads as NaN there.
+
+        Raises:
+            KeyError: if the run has no such statistic; the message lists
+                those it has.
+        """
+        if name not in self._series:
+            raise KeyError(
+                f"This run has no statistic {name!r}. Available: {self.stats()}. "
+                f"Known statistics: {list(fmt.STATS)}"
+            )
+        by_step = self._series[name]
+        steps = np.array(sorted(by_step), dtype=np.int64)
+        if fmt.axis_of(name) == fmt.AXIS_SCALAR:
+            values = np.array([by_step[s][1].reshape(()) for s in steps], dtype=np.float32)
+            return steps, [], values
+        names = list(self._metadata[name]["names"])
+        index = {n: i for i, n in enumerate(names)}
+        values = np.full((len(steps), len(names)), np.nan, dtype=np.float32)
+        for row, step in enumerate(steps):
+            step_names, step_values = by_step[step]
+            if step_names is names or list(step_names) == names:
+                values[row] = step_values
+            else:
+                for n, v in zip(step_names, step_values):
+                    if n in index:
+                        values[row, index[n]] = v
+        return steps, names, values
+
+    def events(self):
+        """Returns the recorded events (alerts, clipping on/off, skipped steps).
+
+        Returns:
+            A list of dicts sorted by step, each with at least `step`, `kind`
+            (one of `format.EVENT_KINDS`) and `message`.
+        """
+        events = []
+        for step, batch in self._json.get(fmt.EVENTS_NAME, []):
+            for event in batch:
+                events.append(dict(event, step=int(event.get("step", step))))
+        return sorted(events, key=lambda e: e["step"])
+
+    def model(self):
+        """Returns the last model summary written to this run, or None."""
+        records = self._json.get(fmt.MODEL_NAME, [])
+        return records[-1][1] if records else None
+
+
+def read_run(log_dir):
+    """Reads all keras-vg records of one run directory.
+
+    Args:
+        log_dir: The directory given to `GradientMonitor(log_dir=...)`.
+
+    Returns:
+        A `Run`.
+
+    Raises:
+        FileNotFoundError: if `log_dir` does not exist.
+        keras_vg.format.FormatError: if it holds no keras-vg data (the
+            message names runs found in its subdirectories), or data of a
+            newer format version than this keras-vg reads.
+
+    Example:
+
+    >>> run = read_run("logs/run1")                   # doctest: +SKIP
+    >>> steps, names, values = run.stat("grad_norm")  # doctest: +SKIP
+    """
+    log_dir = os.fspath(log_dir)
+    if not os.path.isdir(log_dir):
+        raise FileNotFoundError(f"No such run directory: {log_dir!r}")
+    series, metadata, json_records = {}, {}, {}
+    for path in _event_files(log_dir):
+        file_metadata = {}
+        for step, _, name, content, tensor in _load_file(path):
+            if content is not None:
+                file_metadata[name] = fmt.decode_metadata(content)
+                metadata[name] = file_metadata[name]
+            if name not in file_metadata:
+                continue  # no metadata for this tag in this file: not ours to interpret
+            _add_record(name, step, tensor, file_metadata[name], series, json_records)
+    if not series and not json_records:
+        runs = find_runs(log_dir)
+        hint = f" Runs found below it: {', '.join(runs)}." if runs else ""
+        raise fmt.FormatError(f"No keras-vg data in {log_dir!r}.{hint}")
+    return Run(log_dir, series, metadata, json_records)
+
+
+def _add_record(name, step, tensor, metadata, series, json_records):
+    from tensorboard.util import tensor_util
+
+    array = tensor_util.make_ndarray(tensor)
+    axis = metadata.get("axis")
+    if axis == fmt.AXIS_JSON:
+        json_records.setdefault(name, []).append((int(step), fmt.decode_json(array.item())))
+    else:
+        names = metadata.get("names", [])
+        series.setdefault(name, {})[int(step)] = (names, np.asarray(array, dtype=np.float32))
+
+
+def find_runs(root):
+    """Lists the directories below `root` (itself included) holding keras-vg event files.
+
+    Returns:
+        Paths relative to `root`, sorted; `"."` stands for `root` itself.
+    """
+    runs = []
+    for directory, _, files in os.walk(root):
+        if any(".keras_vg" in f and "tfevents" in f for f in files):
+            runs.append(os.path.relpath(directory, root))
+    return sorted(runs)
