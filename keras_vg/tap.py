@@ -1,0 +1,412 @@
+"""The in-graph tap: records gradient health inside the compiled train step.
+
+The tap wraps the optimizer instance (and the `call` of activation layers) so
+that the statistics are computed from the very tensors the train step already
+has. Results go into small `tf.Variable` ring buffers, one row per recorded
+step; the host reads them back only when a recorded step has passed. Nothing
+here syncs with the host, writes summaries or runs Python per step once traced,
+which is what makes it work under `tf.function`, XLA and `tf.distribute`.
+
+Buffer variables are `SyncOnRead`: each replica writes its own copy with no
+communication, and a read from the host aggregates them. Gradient statistics
+are computed on the replica-summed gradient, so every replica holds the same
+values (`ONLY_FIRST_REPLICA`); activation counts differ per replica and are
+summed (`SUM`).
+"""
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from keras_vg import _keras_compat
+from keras_vg import format as fmt
+from keras_vg import stats
+
+RELU_FAMILY = frozenset({"relu", "relu6", "leaky_relu", "elu", "selu", "prelu"})
+SATURATING = {"sigmoid": "sigmoid", "hard_sigmoid": "sigmoid", "tanh": "tanh", "hard_tanh": "tanh"}
+
+
+def activation_name(layer):
+    """Returns the name of the activation a layer applies to its output, or None.
+
+    Recurrent layers return None: their `activation` acts inside the cell, not
+    on what the layer outputs.
+    """
+    if isinstance(layer, keras.layers.RNN):
+        return None
+    activation = getattr(layer, "activation", None)
+    if activation is not None:
+        name = getattr(activation, "__name__", None) or type(activation).__name__
+        return name.lower()
+    by_class = {"ReLU": "relu", "LeakyReLU": "leaky_relu", "ELU": "elu", "PReLU": "prelu"}
+    return by_class.get(type(layer).__name__)
+
+
+def walk_layers(model):
+    """Yields the leaf layers of a model in model order, entering nested models."""
+    for layer in model.layers:
+        inner = getattr(layer, "layers", None)
+        if inner and isinstance(layer, keras.Model):
+            yield from walk_layers(layer)
+        else:
+            yield layer
+
+
+def _unit_axis(layer):
+    return 1 if getattr(layer, "data_format", "channels_last") == "channels_first" else -1
+
+
+def _units(layer, axis):
+    for attribute in ("units", "filters"):
+        value = getattr(layer, attribute, None)
+        if isinstance(value, int):
+            return value
+    try:
+        return int(layer.output.shape[axis])
+    except (AttributeError, ValueError, TypeError):
+        return None
+
+
+class _Buffers:
+    """Ring buffers of `capacity` recorded steps, created under a strategy scope."""
+
+    def __init__(self, capacity):
+        self.capacity = capacity
+        self.variables = {}
+
+    def add(self, key, shape, aggregation, dtype=tf.float32, initial=0.0):
+        self.variables[key] = tf.Variable(
+            tf.fill(shape, tf.constant(initial, dtype)),
+            trainable=False,
+            name="keras_vg_" + key.replace("/", "_"),
+            synchronization=tf.VariableSynchronization.ON_READ,
+            aggregation=aggregation,
+        )
+
+    def __getitem__(self, key):
+        return self.variables[key]
+
+
+def _write_row(variable, value, mask):
+    """Writes `value` into the rows of `variable` where `mask` [capacity] is True."""
+    value = tf.convert_to_tensor(value, variable.dtype)
+    shape = [-1] + [1] * value.shape.rank
+    # tf.where, not arithmetic masking: a NaN value times 0 would still be NaN.
+    variable.assign(tf.where(tf.reshape(mask, shape), value[tf.newaxis], variable))
+
+
+def _close_window(accumulator, rows, mask, is_record):
+    """Copies a since-last-record accumulator into its row, and resets it on record steps."""
+    total = accumulator.read_value()
+    _write_row(rows, total, mask)
+    accumulator.assign(tf.where(is_record, tf.zeros_like(total), total))
+
+
+class Tap:
+    """Records per-variable and per-layer statistics inside the train step.
+
+    Args:
+        model: A built Keras model, compiled with an optimizer.
+        every: Record every `every`-th optimizer step.
+        capacity: Rows of the ring buffers: at least the number of recorded
+            steps between two host reads.
+        stats_to_record: Names from `keras_vg.format.STATS`.
+        saturation_epsilon: Distance to an asymptote that counts as saturated.
+
+    Example:
+
+    >>> tap = Tap(model, every=1, capacity=2, stats_to_record=STATS)  # doctest: +SKIP
+    >>> tap.install(); model.fit(x, y); records = tap.read_new()       # doctest: +SKIP
+    """
+
+    def __init__(self, model, every, capacity, stats_to_record, saturation_epsilon=0.01):
+        self.model = model
+        self.every = int(every)
+        self.capacity = int(capacity)
+        self.stats_to_record = tuple(stats_to_record)
+        self.saturation_epsilon = float(saturation_epsilon)
+        self.optimizer = _keras_compat.applying_optimizer(model.optimizer)
+        self.variables = list(model.trainable_variables)
+        self.variable_names = [v.path for v in self.variables]
+        self._index = {}
+        for i, variable in enumerate(self.variables):
+            self._index[id(variable)] = i
+            self._index[id(getattr(variable, "value", variable))] = i
+        self.dead_layers, self.saturation_layers = self._find_activation_layers()
+        self.trace_count = 0
+        self.gradient_trace_count = 0
+        self._in_train_step = 0
+        self._undo = []
+        self._read_function = None
+        self.last_read_step = -1
+
+    # Set-up -----------------------------------------------------------------
+
+    def _find_activation_layers(self):
+        dead, saturation = [], []
+        want_dead = "dead_fraction" in self.stats_to_record
+        want_saturation = "saturation_fraction" in self.stats_to_record
+        for layer in walk_layers(self.model):
+            name = activation_name(layer)
+            if want_dead and name in RELU_FAMILY:
+                axis = _unit_axis(layer)
+                units = _units(layer, axis)
+                if units is not None:
+                    dead.append((layer, axis, units))
+            elif want_saturation and name in SATURATING:
+                saturation.append((layer, SATURATING[name]))
+        return dead, saturation
+
+    @property
+    def dead_layer_names(self):
+        return [layer.name for layer, _, _ in self.dead_layers]
+
+    @property
+    def saturation_layer_names(self):
+        return [layer.name for layer, _ in self.saturation_layers]
+
+    def _create_buffers(self):
+        capacity, n = self.capacity, len(self.variables)
+        first = tf.VariableAggregation.ONLY_FIRST_REPLICA
+        total = tf.VariableAggregation.SUM
+        buffers = _Buffers(capacity)
+        buffers.add("steps", [capacity], first, tf.int64, -1)
+        for name in ("grad_norm", "grad_max_abs", "grad_nonfinite", "weight_norm", "update_ratio"):
+            buffers.add(name, [capacity, n], first)
+        buffers.add("grad_nonfinite/acc", [n], first)
+        buffers.add("global_grad_norm", [capacity], first)
+        for i, (_, _, units) in enumerate(self.dead_layers):
+            buffers.add(f"fired/{i}", [capacity, units], total)
+            buffers.add(f"fired/{i}/acc", [units], total)
+        if self.saturation_layers:
+            buffers.add("saturated", [capacity, len(self.saturation_layers), 2], total)
+            buffers.add("saturated/acc", [len(self.saturation_layers), 2], total)
+        return buffers
+
+    def install(self):
+        """Creates the buffers and wraps the optimizer, the train step and activation layers.
+
+        The caller must rebuild the train function afterwards
+        (`model.make_train_function(force=True)`), as a function traced
+        before the wrapping does not see it.
+        """
+        with self.model.distribute_strategy.scope():
+            self.buffers = self._create_buffers()
+        self._wrap_instance_method(self.optimizer, "apply", self._apply)
+        self._wrap_instance_method(self.model, "train_step", self._train_step)
+        for i, (layer, axis, _) in enumerate(self.dead_layers):
+            self._wrap_instance_method(layer, "call", self._dead_call(i, axis))
+        for i, (layer, kind) in enumerate(self.saturation_layers):
+            self._wrap_instance_method(layer, "call", self._saturation_call(i, kind))
+        self._needs_gradient_hook = (
+            self.model.distribute_strategy.num_replicas_in_sync > 1
+            and any(s in self.stats_to_record for s in fmt.GRADIENT_STATS)
+        )
+        if self._needs_gradient_hook:
+            remove = _keras_compat.hook_aggregated_gradients(self.optimizer, self._observe_aggregated)
+            if remove is not None:
+                self._undo.append(remove)
+                self._needs_gradient_hook = False
+                self._gradient_hook_installed = True
+                return
+        self._gradient_hook_installed = False
+
+    def _wrap_instance_method(self, obj, attribute, make_wrapper):
+        original = getattr(obj, attribute)
+        wrapper = make_wrapper(original)
+        setattr(obj, attribute, wrapper)
+
+        def undo():
+            if obj.__dict__.get(attribute) is wrapper:
+                delattr(obj, attribute)
+
+        self._undo.append(undo)
+
+    def uninstall(self):
+        """Restores every wrapped method. Idempotent."""
+        while self._undo:
+            self._undo.pop()()
+
+    # In-graph recording -------------------------------------------------------
+
+    def _record_slots(self):
+        step = tf.cast(tf.convert_to_tensor(self.optimizer.iterations), tf.int64)
+        is_record = tf.equal(step % self.every, 0)
+        slot = (step // self.every) % self.capacity
+        mask = tf.logical_and(tf.equal(tf.range(self.capacity, dtype=tf.int64), slot), is_record)
+        return step, is_record, mask
+
+    def _train_step(self, original):
+        def train_step(*args, **kwargs):
+            # Layer calls outside the train step (evaluate, predict) must not
+            # count towards the training window.
+            self._in_train_step += 1
+            try:
+                return original(*args, **kwargs)
+            finally:
+                self._in_train_step -= 1
+
+        return train_step
+
+    def _dead_call(self, index, axis):
+        def make(original):
+            def call(*args, **kwargs):
+                outputs = original(*args, **kwargs)
+                if self._in_train_step and isinstance(outputs, tf.Tensor):
+                    with tf.name_scope("keras_vg"):
+                        self.buffers[f"fired/{index}/acc"].assign_add(stats.fired_counts(outputs, axis))
+                return outputs
+
+            return call
+
+        return make
+
+    def _saturation_call(self, index, kind):
+        def make(original):
+            def call(*args, **kwargs):
+                outputs = original(*args, **kwargs)
+                if self._in_train_step and isinstance(outputs, tf.Tensor):
+                    with tf.name_scope("keras_vg"):
+                        saturated, total = stats.saturated_count(outputs, kind, self.saturation_epsilon)
+                        one_hot = tf.one_hot(index, len(self.saturation_layers))[:, tf.newaxis]
+                        self.buffers["saturated/acc"].assign_add(one_hot * tf.stack([saturated, total]))
+                return outputs
+
+            return call
+
+        return make
+
+    def _positions(self, variables):
+        return [self._index.get(id(v), self._index.get(id(getattr(v, "value", v)))) for v in variables]
+
+    def _observe_gradients(self, grads, variables):
+        """Records gradient statistics of the aggregated, unscaled, pre-clip gradients."""
+        self.gradient_trace_count += 1
+        n = len(self.variables)
+        norms, maxes, nonfinite = [tf.zeros([])] * n, [tf.zeros([])] * n, [tf.zeros([])] * n
+        for grad, position in zip(grads, self._positions(variables)):
+            if grad is None or position is None:
+                continue
+            norms[position], maxes[position], nonfinite[position] = stats.gradient_stats(grad)
+        norms, maxes, nonfinite = tf.stack(norms), tf.stack(maxes), tf.stack(nonfinite)
+        _, is_record, mask = self._record_slots()
+        _write_row(self.buffers["grad_norm"], norms, mask)
+        _write_row(self.buffers["grad_max_abs"], maxes, mask)
+        _write_row(self.buffers["global_grad_norm"], stats.global_norm(norms), mask)
+        self.buffers["grad_nonfinite/acc"].assign_add(nonfinite)
+        _close_window(self.buffers["grad_nonfinite/acc"], self.buffers["grad_nonfinite"], mask, is_record)
+
+    def _observe_aggregated(self, grads, variables):
+        with tf.name_scope("keras_vg"):
+            self._observe_gradients(grads, variables)
+
+    def _apply(self, original):
+        def apply(grads, trainable_variables=None):
+            self.trace_count += 1
+            variables = list(trainable_variables) if trainable_variables is not None else self.variables
+            grads = list(grads)
+            with tf.name_scope("keras_vg"):
+                before = [tf.identity(v.value if hasattr(v, "value") else v) for v in variables]
+                if not self._gradient_hook_installed:
+                    self._observe_local_gradients(grads, variables)
+            result = original(grads, trainable_variables)
+            with tf.name_scope("keras_vg"):
+                self._observe_update(variables, before)
+            return result
+
+        return apply
+
+    def _observe_local_gradients(self, grads, variables):
+        scale = getattr(self.optimizer, "loss_scale_factor", None)
+        if scale is not None:
+            grads = [g if g is None else g / scale for g in grads]
+        if self._needs_gradient_hook:
+            # Fallback when the private hook is unavailable: one extra all-reduce.
+            context = tf.distribute.get_replica_context()
+            present = [i for i, g in enumerate(grads) if g is not None]
+            reduced = context.all_reduce(tf.distribute.ReduceOp.SUM, [grads[i] for i in present])
+            for i, g in zip(present, reduced):
+                grads[i] = g
+        self._observe_gradients(grads, variables)
+
+    def _observe_update(self, variables, before):
+        step, is_record, mask = self._record_slots_before_increment()
+        n = len(self.variables)
+        weight_norms, ratios = [tf.zeros([])] * n, [tf.zeros([])] * n
+        for variable, value_before, position in zip(variables, before, self._positions(variables)):
+            if position is None:
+                continue
+            after = tf.identity(variable.value if hasattr(variable, "value") else variable)
+            weight_norms[position], ratios[position] = stats.update_ratio(value_before, after)
+        _write_row(self.buffers["weight_norm"], tf.stack(weight_norms), mask)
+        _write_row(self.buffers["update_ratio"], tf.stack(ratios), mask)
+        for i in range(len(self.dead_layers)):
+            _close_window(self.buffers[f"fired/{i}/acc"], self.buffers[f"fired/{i}"], mask, is_record)
+        if self.saturation_layers:
+            _close_window(self.buffers["saturated/acc"], self.buffers["saturated"], mask, is_record)
+        _write_row(self.buffers["steps"], step, mask)
+
+    def _record_slots_before_increment(self):
+        # `apply` has already counted this step: the step being recorded is one less.
+        step, _, _ = self._record_slots()
+        step = step - 1
+        is_record = tf.equal(step % self.every, 0)
+        slot = (step // self.every) % self.capacity
+        mask = tf.logical_and(tf.equal(tf.range(self.capacity, dtype=tf.int64), slot), is_record)
+        return step, is_record, mask
+
+    # Host side -----------------------------------------------------------------
+
+    def read_new(self):
+        """Reads the buffers once and returns the records not read before.
+
+        Returns:
+            A list of `(step, values)` sorted by step, `values` a dict from
+            statistic name to a numpy vector (or float for
+            `global_grad_norm`).
+        """
+        if self._read_function is None:
+            keys = list(self.buffers.variables)
+            variables = [self.buffers[k] for k in keys]
+            function = tf.function(lambda: [tf.identity(v) for v in variables])
+            self._read_function = (keys, function)
+        keys, function = self._read_function
+        arrays = dict(zip(keys, (t.numpy() for t in function())))
+        records = []
+        for row in np.argsort(arrays["steps"]):
+            step = int(arrays["steps"][row])
+            if step < 0 or step <= self.last_read_step:
+                continue
+            records.append((step, self._row_values(arrays, row)))
+        if records:
+            self.last_read_step = records[-1][0]
+        return records
+
+    def _row_values(self, arrays, row):
+        values = {}
+        for name in ("grad_norm", "grad_max_abs", "grad_nonfinite", "weight_norm", "update_ratio"):
+            if name in self.stats_to_record:
+                values[name] = arrays[name][row]
+        if "global_grad_norm" in self.stats_to_record:
+            values["global_grad_norm"] = float(arrays["global_grad_norm"][row])
+        if self.dead_layers:
+            values["dead_fraction"] = np.array(
+                [np.mean(arrays[f"fired/{i}"][row] == 0) for i in range(len(self.dead_layers))],
+                dtype=np.float32,
+            )
+        if self.saturation_layers:
+            counts = arrays["saturated"][row]
+            with np.errstate(invalid="ignore", divide="ignore"):
+                values["saturation_fraction"] = np.where(counts[:, 1] > 0, counts[:, 0] / counts[:, 1], np.nan)
+        return values
+
+    def names_for(self, name):
+        """Returns the names a statistic's vector runs along (variable paths or layer names)."""
+        axis = fmt.axis_of(name)
+        if axis == fmt.AXIS_VARIABLE:
+            return self.variable_names
+        if name == "dead_fraction":
+            return self.dead_layer_names
+        if name == "saturation_fraction":
+            return self.saturation_layer_names
+        return None
