@@ -5,12 +5,24 @@ The writer uses TensorBoard's own `EventFileWriter` (the one PyTorch's
 compiled train step. The layout of what it writes is `keras_vg.format`.
 """
 
+import atexit
 import os
 import time
+import weakref
 
 import numpy as np
 
 from keras_vg import format as fmt
+
+
+_open_writers = weakref.WeakSet()
+
+
+@atexit.register
+def _flush_open_writers():
+    # A fit that dies of an exception never reaches on_train_end: keep its records.
+    for writer in list(_open_writers):
+        writer.flush()
 
 
 class EventWriter:
@@ -49,6 +61,7 @@ class EventWriter:
                 filename_suffix=".keras_vg",
             )
             self._tags_with_metadata = set()
+            _open_writers.add(self)
         return self._writer
 
     def _add(self, tag, step, tensor_proto, metadata):
@@ -126,3 +139,4 @@ class EventWriter:
         if self._writer is not None:
             self._writer.close()
             self._writer = None
+            _open_writers.discard(self)

@@ -117,6 +117,11 @@ class GradientMonitor(keras.callbacks.Callback):
         if (self._host_step - 1) // self.every > (previous - 1) // self.every:
             self._guard(self._read_and_write if self.tap is not None else self._write_host_weight_norms)
 
+    def on_epoch_end(self, epoch, logs=None):
+        # An exception in a later epoch skips on_train_end; what is recorded must be on disk.
+        if self._writer is not None:
+            self._guard(self._writer.flush)
+
     def on_train_end(self, logs=None):
         if self.tap is not None and not self._failed:
             self._guard(self._read_and_write)

@@ -18,8 +18,9 @@ def gradient_stats(grad):
     """Returns `(norm, max_abs, nonfinite_count)` of one gradient, as float32 scalars.
 
     The norm is computed as `max_abs · ‖g / max_abs‖` only when the plain sum
-    of squares overflows, so a gradient of 1e20 still reads 1e20 rather than
-    inf, while the common case costs two passes over the gradient.
+    of squares overflows or underflows float32, so a gradient of 1e20 still
+    reads 1e20 rather than inf and a vanishing one of 1e-25 reads 1e-25 rather
+    than 0, while the common case costs two passes over the gradient.
 
     Args:
         grad: A gradient tensor or `tf.IndexedSlices`, any float dtype.
@@ -43,9 +44,11 @@ def gradient_stats(grad):
         norm = tf.where(nonfinite > 0, sum_squares, rescaled)
         return norm, nonfinite
 
-    # Only a non-finite or overflowing sum needs the extra passes.
+    # Only a non-finite, overflowing or underflowing sum needs the extra passes.
+    # Below 1e-20 the squares of elements under ~1e-19 are lost to float32.
+    plain_is_exact = tf.logical_and(tf.math.is_finite(sum_squares), sum_squares > 1e-20)
     norm, nonfinite = tf.cond(
-        tf.math.is_finite(sum_squares),
+        plain_is_exact,
         lambda: (tf.sqrt(sum_squares), tf.constant(0.0)),
         robust,
     )

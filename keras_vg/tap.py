@@ -14,6 +14,8 @@ values (`ONLY_FIRST_REPLICA`); activation counts differ per replica and are
 summed (`SUM`).
 """
 
+import warnings
+
 import keras
 import numpy as np
 import tensorflow as tf
@@ -143,7 +145,7 @@ class Tap:
     # Set-up -----------------------------------------------------------------
 
     def _find_activation_layers(self):
-        dead, saturation = [], []
+        dead, saturation, unsized = [], [], []
         want_dead = "dead_fraction" in self.stats_to_record
         want_saturation = "saturation_fraction" in self.stats_to_record
         for layer in walk_layers(self.model):
@@ -153,8 +155,20 @@ class Tap:
                 units = _units(layer, axis)
                 if units is not None:
                     dead.append((layer, axis, units))
+                else:
+                    unsized.append(layer.name)
             elif want_saturation and name in SATURATING:
                 saturation.append((layer, SATURATING[name]))
+        if unsized:
+            # Dead-unit buffers must exist before tracing; these layers' widths are only
+            # known inside it (standalone activation layers of subclassed models).
+            warnings.warn(
+                f"GradientMonitor cannot size the dead-unit buffers of {unsized}, whose width is "
+                "unknown before training (standalone activation layers in a subclassed model); "
+                "their dead_fraction is not recorded. Use `activation=` on the layer before them "
+                "to have it recorded.",
+                stacklevel=4,
+            )
         return dead, saturation
 
     @property

@@ -1,0 +1,30 @@
+# One command for each job; both build the virtual environment they need.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+LOGDIR ?= logs
+PORT ?= 6006
+
+.PHONY: test demo lint clean
+
+$(BIN)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $@
+
+## make test: run the whole test suite (browser tests need Debian's chromium).
+test: $(BIN)/.installed
+	$(BIN)/python -m pytest -q
+
+## make demo: train the examples with the monitor, then serve TensorBoard on 127.0.0.1.
+demo: $(BIN)/.installed
+	$(BIN)/python examples/quickstart.py --log-dir $(LOGDIR)/quickstart
+	@echo "TensorBoard: http://127.0.0.1:$(PORT)/#keras_vg"
+	$(BIN)/tensorboard --logdir $(LOGDIR) --host 127.0.0.1 --port $(PORT) --samples_per_plugin=keras_vg=0
+
+lint: $(BIN)/.installed
+	$(BIN)/ruff check keras_vg tb_plugin tests examples benchmarks
+
+clean:
+	rm -rf $(VENV) $(LOGDIR) test-artifacts *.egg-info

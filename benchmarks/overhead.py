@@ -1,0 +1,170 @@
+"""Step-time overhead of GradientMonitor against plain `fit`, in one process.
+
+Every arm trains its own copy of the model; rounds interleave the arms
+(A B C … A B C …) after a warm-up round, and each round times the batches of
+one epoch, leaving out the first two (tracing). The table gives each arm's
+fastest and median round as a ratio to plain `fit`, beside an A/A row (plain
+against plain) that shows the noise floor of the machine.
+
+Usage:
+    python benchmarks/overhead.py                 # all models, 9 rounds
+    python benchmarks/overhead.py --models mlp --rounds 7 --batches 40
+"""
+
+import argparse
+import os
+import statistics
+import tempfile
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+import keras_vg  # noqa: E402
+
+
+def sigmoid_mlp():
+    layers = [keras.Input((256,))]
+    layers += [keras.layers.Dense(256, activation="sigmoid") for _ in range(20)]
+    layers.append(keras.layers.Dense(10))
+    x = np.random.rand(128 * 64, 256).astype("float32")
+    return keras.Sequential(layers), x, 128
+
+
+def small_cnn():
+    model = keras.Sequential([
+        keras.Input((32, 32, 3)),
+        keras.layers.Conv2D(32, 3, padding="same"), keras.layers.BatchNormalization(), keras.layers.ReLU(),
+        keras.layers.Conv2D(64, 3, padding="same"), keras.layers.BatchNormalization(), keras.layers.ReLU(),
+        keras.layers.MaxPooling2D(), keras.layers.Flatten(), keras.layers.Dense(10),
+    ])
+    return model, np.random.rand(64 * 64, 32, 32, 3).astype("float32"), 64
+
+
+def small_transformer():
+    inputs = keras.Input((32, 64))
+    x = inputs
+    for _ in range(2):
+        attention = keras.layers.MultiHeadAttention(num_heads=4, key_dim=16)(x, x)
+        x = keras.layers.LayerNormalization()(x + attention)
+        hidden = keras.layers.Dense(128, activation="relu")(x)
+        x = keras.layers.LayerNormalization()(x + keras.layers.Dense(64)(hidden))
+    outputs = keras.layers.Dense(10)(keras.layers.GlobalAveragePooling1D()(x))
+    return keras.Model(inputs, outputs), np.random.rand(64 * 64, 32, 64).astype("float32"), 64
+
+
+MODELS = {"mlp": sigmoid_mlp, "cnn": small_cnn, "transformer": small_transformer}
+
+
+class BatchTimer(keras.callbacks.Callback):
+    """Sums wall time per batch, leaving out the first two batches (tracing)."""
+
+    def on_train_begin(self, logs=None):
+        self.total = 0.0
+
+    def on_train_batch_begin(self, batch, logs=None):
+        self._start = time.perf_counter()
+
+    def on_train_batch_end(self, batch, logs=None):
+        if batch >= 2:
+            self.total += time.perf_counter() - self._start
+
+
+class TapeRecompute(keras.callbacks.Callback):
+    """The common approach: an eager GradientTape on a probe batch after every step."""
+
+    def __init__(self, x, y):
+        super().__init__()
+        self.x, self.y = x, y
+
+    def on_train_batch_end(self, batch, logs=None):
+        with tf.GradientTape() as tape:
+            loss = keras.losses.sparse_categorical_crossentropy(self.y, self.model(self.x), from_logits=True)
+        grads = tape.gradient(loss, self.model.trainable_variables)
+        self.norms = [float(tf.norm(g)) for g in grads if g is not None]
+
+
+def make_arms(build, x, batch, log_root):
+    y = np.random.randint(0, 10, size=len(x))
+    arms = {
+        "plain": lambda: [],
+        "plain (A/A)": lambda: [],
+        "GradientMonitor every=1": lambda: [keras_vg.GradientMonitor(f"{log_root}/every1", verbose=0)],
+        "GradientMonitor every=10": lambda: [keras_vg.GradientMonitor(f"{log_root}/every10", every=10, verbose=0)],
+        "eager GradientTape recompute": lambda: [TapeRecompute(x[:batch], y[:batch])],
+        "TensorBoard(histogram_freq=1)": lambda: [keras.callbacks.TensorBoard(f"{log_root}/tb", histogram_freq=1)],
+    }
+    models = {}
+    for name in arms:
+        keras.utils.set_random_seed(0)
+        model, _, _ = build()
+        model.compile(optimizer=keras.optimizers.Adam(1e-4),
+                      loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+        models[name] = model
+    return arms, models, y
+
+
+def run_model(name, rounds, batches):
+    build = MODELS[name]
+    keras.utils.set_random_seed(0)
+    _, x, batch = build()
+    x = x[: batch * batches]
+    with tempfile.TemporaryDirectory() as log_root:
+        arms, models, y = make_arms(build, x, batch, log_root)
+        times = {arm: [] for arm in arms}
+        for round_index in range(rounds + 1):
+            for arm, callbacks in arms.items():
+                timer = BatchTimer()
+                models[arm].fit(x, y[: len(x)], batch_size=batch, epochs=1, verbose=0,
+                                callbacks=callbacks() + [timer])
+                if round_index > 0:  # round 0 is the warm-up
+                    times[arm].append(timer.total)
+        event_bytes = sum(
+            os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(f"{log_root}/every1") for f in fs
+        )
+        recorded = (rounds + 1) * batches
+    base_min, base_median = min(times["plain"]), statistics.median(times["plain"])
+    print(f"\n{name}: batch {batch}, {batches} batches/round, {rounds} rounds "
+          f"(plain: fastest {base_min / (batches - 2) * 1e3:.1f} ms/step)")
+    print(f"| arm | fastest round ratio | median round ratio |\n|---|---|---|")
+    for arm, values in times.items():
+        if arm == "plain":
+            continue
+        print(f"| {arm} | {min(values) / base_min:.3f} | {statistics.median(values) / base_median:.3f} |")
+    print(f"event-file bytes per recorded step (every=1): {event_bytes / recorded:.0f}")
+    return times
+
+
+def tap_state_bytes(name):
+    """Bytes of the tap's buffers for one model (its extra device memory, besides w_before copies)."""
+    keras.utils.set_random_seed(0)
+    model, x, batch = MODELS[name]()
+    model.compile(optimizer="adam", loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    with tempfile.TemporaryDirectory() as log_dir:
+        monitor = keras_vg.GradientMonitor(log_dir, verbose=0)
+        model.fit(x[:batch * 2], np.zeros(batch * 2), batch_size=batch, epochs=1, verbose=0, callbacks=[monitor])
+        state = sum(int(np.prod(v.shape)) * v.dtype.size for v in monitor.tap.buffers.variables.values())
+        params = sum(int(np.prod(v.shape)) * 4 for v in model.trainable_variables)
+    print(f"{name}: tap buffers {state} bytes; weight copies for update_ratio up to {params} bytes "
+          f"(transient, one step)")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    parser.add_argument("--rounds", type=int, default=9)
+    parser.add_argument("--batches", type=int, default=30)
+    args = parser.parse_args()
+    print(f"TensorFlow {tf.__version__}, Keras {keras.__version__}, devices: "
+          f"{[d.device_type for d in tf.config.list_physical_devices()]}")
+    for name in args.models:
+        run_model(name, args.rounds, args.batches)
+    for name in args.models:
+        tap_state_bytes(name)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,174 @@
+"""GradientMonitor's numbers against independent references, in every compilation mode."""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import keras_vg
+
+pytestmark = pytest.mark.fit
+
+LEARNING_RATE = 0.1
+BATCH = 64
+
+
+def adam():
+    return keras.optimizers.Adam(0.01)
+
+
+def build_mlp(optimizer=None, strategy=None, **compile_kwargs):
+    """`optimizer` is a factory, so that a strategy's optimizer is made inside its scope."""
+
+    def build():
+        keras.utils.set_random_seed(0)
+        model = keras.Sequential([
+            keras.Input((8,)),
+            keras.layers.Dense(16, activation="relu", bias_initializer="ones"),
+            keras.layers.Dense(16, activation="tanh", bias_initializer="ones"),
+            keras.layers.Dense(1, dtype="float32"),
+        ])
+        model.compile(optimizer=(optimizer or (lambda: keras.optimizers.SGD(LEARNING_RATE)))(), loss="mse",
+                      **compile_kwargs)
+        return model
+
+    if strategy is None:
+        return build()
+    with strategy.scope():
+        return build()
+
+
+def fit_monitored(model, data, log_dir, epochs=1, **monitor_kwargs):
+    x, y = data
+    monitor = keras_vg.GradientMonitor(log_dir, verbose=0, **monitor_kwargs)
+    model.fit(x, y, batch_size=BATCH, epochs=epochs, shuffle=False, verbose=0, callbacks=[monitor])
+    return monitor, keras_vg.read_run(log_dir)
+
+
+def reference_sgd_run(data, steps):
+    """Per-step gradient norms and SGD update ratios from a GradientTape loop of our own."""
+    x, y = data
+    model = build_mlp()
+    loss_fn = keras.losses.MeanSquaredError()
+    norms, ratios = [], []
+    for step in range(steps):
+        start = (step * BATCH) % len(x)
+        xb, yb = x[start:start + BATCH], y[start:start + BATCH]
+        with tf.GradientTape() as tape:
+            loss = loss_fn(yb, model(xb, training=True))
+        grads = tape.gradient(loss, model.trainable_variables)
+        weights = [v.numpy().astype(np.float64) for v in model.trainable_variables]
+        g = [t.numpy().astype(np.float64) for t in grads]
+        norms.append([np.linalg.norm(t) for t in g])
+        # SGD's identity: Δw = lr·g, so ‖Δw‖/‖w‖ = lr·‖g‖/‖w‖ (undefined, NaN, where ‖w‖ = 0).
+        ratios.append([LEARNING_RATE * np.linalg.norm(t) / np.linalg.norm(w) if np.any(w) else np.nan
+                       for t, w in zip(g, weights)])
+        for variable, t in zip(model.trainable_variables, grads):
+            variable.assign(variable - LEARNING_RATE * t)
+    return np.array(norms), np.array(ratios)
+
+
+def test_grad_norm_and_update_ratio_match_gradient_tape(tmp_path, regression_data):
+    model = build_mlp()
+    _, run = fit_monitored(model, regression_data, tmp_path)
+    steps, names, grad_norm = run.stat("grad_norm")
+    np.testing.assert_array_equal(steps, np.arange(4))
+    assert names == [v.path for v in model.trainable_variables]
+    ref_norms, ref_ratios = reference_sgd_run(regression_data, 4)
+    np.testing.assert_allclose(grad_norm, ref_norms, rtol=1e-5)
+    np.testing.assert_allclose(run.stat("update_ratio")[2], ref_ratios, rtol=1e-5)
+    np.testing.assert_allclose(
+        run.stat("global_grad_norm")[2], np.sqrt((ref_norms**2).sum(axis=1)), rtol=1e-5
+    )
+    assert run.stat("grad_nonfinite")[2].sum() == 0
+
+
+def test_no_retrace_after_first_trace(tmp_path, regression_data):
+    monitor, run = fit_monitored(build_mlp(), regression_data, tmp_path, epochs=3)
+    assert len(run.stat("grad_norm")[0]) == 12
+    assert monitor.tap.trace_count == 1
+
+
+def test_zero_initialised_bias_has_undefined_first_ratio(tmp_path, regression_data):
+    model = build_mlp()
+    model.layers[0].bias.assign(np.zeros(16, np.float32))
+    _, run = fit_monitored(model, regression_data, tmp_path)
+    steps, names, ratio = run.stat("update_ratio")
+    bias = names.index(model.layers[0].bias.path)
+    assert np.isnan(ratio[0, bias]) and run.stat("weight_norm")[2][0, bias] == 0
+    assert np.isfinite(ratio[1, bias])
+
+
+MODES = {
+    "eager": {"run_eagerly": True},
+    "function": {},
+    "xla": {"jit_compile": True},
+    "steps_per_execution": {"steps_per_execution": 3},
+}
+
+
+@pytest.fixture(scope="module")
+def function_reference(tmp_path_factory, regression_data_module):
+    _, run = fit_monitored(build_mlp(adam), regression_data_module,
+                           tmp_path_factory.mktemp("ref"), epochs=2)
+    return run
+
+
+@pytest.fixture(scope="module")
+def regression_data_module():
+    rng = np.random.RandomState(0)
+    x = rng.randn(256, 8).astype("float32")
+    return x, (x @ rng.randn(8, 1)).astype("float32")
+
+
+@pytest.mark.parametrize("mode", sorted(MODES))
+def test_every_compilation_mode_records_the_same_values(mode, tmp_path, regression_data_module, function_reference):
+    model = build_mlp(adam, **MODES[mode])
+    _, run = fit_monitored(model, regression_data_module, tmp_path, epochs=2)
+    for stat in ("grad_norm", "grad_max_abs", "weight_norm", "update_ratio", "dead_fraction",
+                 "saturation_fraction", "global_grad_norm"):
+        steps, _, values = run.stat(stat)
+        ref_steps, _, ref_values = function_reference.stat(stat)
+        np.testing.assert_array_equal(steps, ref_steps)
+        np.testing.assert_allclose(values, ref_values, rtol=2e-5, atol=1e-7, err_msg=f"{mode}: {stat}")
+
+
+@pytest.mark.parametrize("steps_per_execution,every", [(4, 3), (2, 1), (1, 5)])
+def test_every_with_steps_per_execution_records_each_steps_own_values(
+    steps_per_execution, every, tmp_path, regression_data_module, function_reference
+):
+    model = build_mlp(adam, steps_per_execution=steps_per_execution)
+    _, run = fit_monitored(model, regression_data_module, tmp_path, epochs=2, every=every)
+    steps, _, values = run.stat("grad_norm")
+    np.testing.assert_array_equal(steps, np.arange(0, 8, every))
+    np.testing.assert_allclose(values, function_reference.stat("grad_norm")[2][::every], rtol=2e-5)
+
+
+def two_cpu_strategy():
+    devices = tf.config.list_logical_devices("CPU")
+    if len(devices) < 2:
+        pytest.fail("tests/conftest.py should have configured two logical CPU devices")
+    return tf.distribute.MirroredStrategy([d.name for d in devices[:2]])
+
+
+def test_mirrored_strategy_equals_single_device(tmp_path, regression_data_module, function_reference):
+    model = build_mlp(adam, strategy=two_cpu_strategy())
+    _, run = fit_monitored(model, regression_data_module, tmp_path, epochs=2)
+    for stat in ("grad_norm", "grad_max_abs", "weight_norm", "update_ratio", "dead_fraction",
+                 "saturation_fraction", "global_grad_norm"):
+        steps, _, values = run.stat(stat)
+        np.testing.assert_array_equal(steps, function_reference.stat(stat)[0])
+        np.testing.assert_allclose(values, function_reference.stat(stat)[2], rtol=1e-5, atol=1e-7,
+                                   err_msg=stat)
+
+
+def test_mixed_float16_values_are_unscaled(tmp_path, regression_data_module, function_reference):
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    # A scale of 2**8 rather than the default 2**15 keeps step 0 from overflowing (a skipped step
+    # would shift the steps against the reference); a scaled value would still be off 256-fold.
+    model = build_mlp(lambda: keras.optimizers.LossScaleOptimizer(adam(), initial_scale=2**8))
+    _, run = fit_monitored(model, regression_data_module, tmp_path, epochs=1)
+    steps, _, values = run.stat("grad_norm")
+    reference = function_reference.stat("grad_norm")[2][: len(steps)]
+    # The loss scale starts at 32768: scaled values would be off by that factor.
+    np.testing.assert_allclose(values, reference, rtol=2e-2)
