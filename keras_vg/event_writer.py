@@ -64,17 +64,21 @@ class EventWriter:
             _open_writers.add(self)
         return self._writer
 
-    def _add(self, tag, step, tensor_proto, metadata):
-        from tensorboard.compat.proto import event_pb2, summary_pb2
+    def _value(self, tag, tensor_proto, metadata):
+        from tensorboard.compat.proto import summary_pb2
 
         value = summary_pb2.Summary.Value(tag=tag, tensor=tensor_proto)
         if tag not in self._tags_with_metadata:
             value.metadata.CopyFrom(metadata())
             self._tags_with_metadata.add(tag)
-        event = event_pb2.Event(
-            wall_time=time.time(), step=int(step), summary=summary_pb2.Summary(value=[value])
-        )
-        self._file_writer().add_event(event)
+        return value
+
+    def _add(self, step, values):
+        from tensorboard.compat.proto import event_pb2, summary_pb2
+
+        writer = self._file_writer()  # first, so that a new file's metadata is written again
+        event = event_pb2.Event(wall_time=time.time(), step=int(step), summary=summary_pb2.Summary(value=values()))
+        writer.add_event(event)
 
     def _plugin_metadata(self, content):
         from tensorboard.compat.proto import summary_pb2
@@ -86,6 +90,24 @@ class EventWriter:
             data_class=summary_pb2.DATA_CLASS_TENSOR,
         )
 
+    def _stat_value(self, name, values, names):
+        array = np.asarray(values, dtype=np.float32)
+        if fmt.axis_of(name) == fmt.AXIS_SCALAR:
+            array = array.reshape(())
+        return self._value(fmt.tag_for(name), _float_tensor(array),
+                           lambda: self._plugin_metadata(fmt.encode_metadata(name, names)))
+
+    def _scalar_value(self, tag, value):
+        from tensorboard.compat.proto import summary_pb2
+
+        def metadata():
+            return summary_pb2.SummaryMetadata(
+                plugin_data=summary_pb2.SummaryMetadata.PluginData(plugin_name="scalars"),
+                data_class=summary_pb2.DATA_CLASS_SCALAR,
+            )
+
+        return self._value(tag, _float_tensor(np.asarray(value, dtype=np.float32).reshape(())), metadata)
+
     def write_stat(self, name, step, values, names=None):
         """Writes one statistic at one step.
 
@@ -96,16 +118,22 @@ class EventWriter:
             names: The variable paths or layer names, for per-variable and
                 per-layer statistics.
         """
-        from tensorboard.util import tensor_util
+        self._add(step, lambda: [self._stat_value(name, values, names)])
 
-        tag = fmt.tag_for(name)
-        array = np.asarray(values, dtype=np.float32)
-        if fmt.axis_of(name) == fmt.AXIS_SCALAR:
-            array = array.reshape(())
-        self._add(
-            tag, step, tensor_util.make_tensor_proto(array),
-            lambda: self._plugin_metadata(fmt.encode_metadata(name, names)),
-        )
+    def write_record(self, step, stats, scalars=None):
+        """Writes several statistics of one step as a single event (cheaper than one each).
+
+        Args:
+            step: The optimizer step the values belong to.
+            stats: A dict from statistic name to `(values, names)`, as for
+                `write_stat`.
+            scalars: A dict from tag to value, for the stock Scalars tab.
+        """
+        def values():
+            out = [self._stat_value(name, v, n) for name, (v, n) in stats.items()]
+            return out + [self._scalar_value(tag, v) for tag, v in (scalars or {}).items()]
+
+        self._add(step, values)
 
     def write_json(self, name, step, value):
         """Writes the events list or the model summary as a JSON string tensor."""
@@ -113,21 +141,11 @@ class EventWriter:
 
         tag = fmt.tag_for(name)
         proto = tensor_util.make_tensor_proto(np.array(fmt.encode_json(value), dtype=object))
-        self._add(tag, step, proto, lambda: self._plugin_metadata(fmt.encode_metadata(name)))
+        self._add(step, lambda: [self._value(tag, proto, lambda: self._plugin_metadata(fmt.encode_metadata(name)))])
 
     def write_scalar(self, tag, step, value):
         """Writes a plain scalar that TensorBoard's stock Scalars tab shows."""
-        from tensorboard.compat.proto import summary_pb2
-        from tensorboard.util import tensor_util
-
-        def metadata():
-            return summary_pb2.SummaryMetadata(
-                plugin_data=summary_pb2.SummaryMetadata.PluginData(plugin_name="scalars"),
-                data_class=summary_pb2.DATA_CLASS_SCALAR,
-            )
-
-        proto = tensor_util.make_tensor_proto(np.asarray(value, dtype=np.float32).reshape(()))
-        self._add(tag, step, proto, metadata)
+        self._add(step, lambda: [self._scalar_value(tag, value)])
 
     def flush(self):
         """Writes everything queued so far to disk."""
@@ -140,3 +158,13 @@ class EventWriter:
             self._writer.close()
             self._writer = None
             _open_writers.discard(self)
+
+
+def _float_tensor(array):
+    """A float32 TensorProto, built directly: `make_tensor_proto` costs ~10x more per record."""
+    from tensorboard.compat.proto import tensor_pb2, types_pb2
+
+    proto = tensor_pb2.TensorProto(dtype=types_pb2.DT_FLOAT, tensor_content=array.astype("<f4").tobytes())
+    for size in array.shape:
+        proto.tensor_shape.dim.add(size=size)
+    return proto

@@ -15,7 +15,7 @@ See `docs/FORMAT.md` for the human-readable description.
 | `weight_norm`         | variable | L2 norm of the variable before the update       |
 | `update_ratio`        | variable | ‖w_after − w_before‖ / ‖w_before‖ (NaN: undefined) |
 | `dead_fraction`       | layer    | fraction of units that never fired since last record |
-| `saturation_fraction` | layer    | fraction of activations near an asymptote since last record |
+| `saturation_fraction` | layer    | fraction of the step's activations near an asymptote |
 | `global_grad_norm`    | scalar   | L2 norm over all gradients, before clipping     |
 """
 

@@ -3,6 +3,7 @@
 import math
 import os
 import sys
+import time
 import warnings
 
 import keras
@@ -10,6 +11,12 @@ import numpy as np
 
 from keras_vg import format as fmt
 from keras_vg.event_writer import EventWriter
+
+READ_BATCH_RECORDS = 32
+"""The host reads the device buffers once this many records are pending..."""
+
+READ_INTERVAL_SECS = 1.0
+"""...or once this long has passed since the last read, whichever comes first."""
 
 
 class GradientMonitor(keras.callbacks.Callback):
@@ -85,6 +92,8 @@ class GradientMonitor(keras.callbacks.Callback):
         self.flush_secs = flush_secs
         self.tap = None
         self._writer = None
+        self._detector = None
+        self._traced_train_function = None
 
     # Keras hooks ---------------------------------------------------------------
 
@@ -93,12 +102,10 @@ class GradientMonitor(keras.callbacks.Callback):
         self._host_weight_norms = False
         self._host_step = 0
         self._last_batch = -1
+        self._pending = 0
+        self._last_read = time.monotonic()
         self._checked_apply = False
         self._writer = EventWriter(self.log_dir, flush_secs=self.flush_secs)
-        from keras_vg.detect import StreamingDetector
-
-        self._detector = StreamingDetector(self.thresholds)
-        self.tap = None
         self._guard(self._begin)
 
     def on_epoch_begin(self, epoch, logs=None):
@@ -114,25 +121,30 @@ class GradientMonitor(keras.callbacks.Callback):
             self._checked_apply = True
             if self.tap.trace_count == 0:
                 self._guard(self._no_apply_fallback)
-        if (self._host_step - 1) // self.every > (previous - 1) // self.every:
-            self._guard(self._read_and_write if self.tap is not None else self._write_host_weight_norms)
+        # Record steps are multiples of `every`; count those among the steps just run.
+        self._pending += (self._host_step - 1) // self.every - (previous - 1) // self.every
+        if self.tap is None:
+            if self._pending:
+                self._pending = 0
+                self._guard(self._write_host_weight_norms)
+        elif self._pending >= READ_BATCH_RECORDS or (
+            self._pending and time.monotonic() - self._last_read >= READ_INTERVAL_SECS
+        ):
+            self._guard(self._read_and_write)
 
     def on_epoch_end(self, epoch, logs=None):
         # An exception in a later epoch skips on_train_end; what is recorded must be on disk.
+        if self.tap is not None and not self._failed and self._pending:
+            self._guard(self._read_and_write)
         if self._writer is not None:
             self._guard(self._writer.flush)
 
     def on_train_end(self, logs=None):
         if self.tap is not None and not self._failed:
             self._guard(self._read_and_write)
-        if self.tap is not None:
-            self.tap.uninstall()
-            # The train function traced with the tap would keep writing its
-            # buffers in a later fit without this callback.
-            self._guard(lambda: self.model.make_train_function(force=True))
         if self._writer is not None:
             self._writer.close()
-        if self.verbose and getattr(self, "_detector", None) is not None:
+        if self.verbose and self._detector is not None:
             summary = self._detector.summary()
             if summary:
                 print(f"keras-vg summary ({self.log_dir}):\n{summary}", file=sys.stderr)
@@ -158,34 +170,71 @@ class GradientMonitor(keras.callbacks.Callback):
         if not self.model.trainable_variables:
             self._fail_softly("The model has no trainable variables yet; nothing is recorded.")
             return
-        from keras_vg.tap import Tap
-
         steps_per_execution = int(getattr(self.model, "steps_per_execution", 1) or 1)
-        capacity = math.ceil(steps_per_execution / self.every) + 2
-        self.tap = Tap(self.model, self.every, capacity, self.stats, self.saturation_epsilon)
-        self.tap.install()
-        self.model.make_train_function(force=True)
+        # Room for a full read batch plus the records of the execution that completes it.
+        capacity = READ_BATCH_RECORDS + math.ceil(steps_per_execution / self.every) + 1
+        if not self._tap_is_reusable(capacity):
+            self._install_tap(capacity)
         step = int(np.asarray(self.tap.optimizer.iterations))
         self._host_step = step
         self._writer.write_json(fmt.MODEL_NAME, step, summarize_model(self.model))
         self._writer.flush()
 
+    def _tap_is_reusable(self, capacity):
+        """A later fit of the same model reuses the traced function: no retrace per fit."""
+        tap = self.tap
+        return (
+            tap is not None
+            and tap.model is self.model
+            and self.model.train_function is self._traced_train_function
+            and tap.capacity >= capacity
+            and [id(v) for v in tap.variables] == [id(v) for v in self.model.trainable_variables]
+        )
+
+    def _install_tap(self, capacity):
+        from keras_vg.detect import StreamingDetector
+        from keras_vg.tap import Tap
+
+        if self.tap is not None:
+            self.tap.uninstall()
+        self.tap = Tap(self.model, self.every, capacity, self.stats, self.saturation_epsilon)
+        self.tap.install()
+        # A train function traced before the wrapping would not see it.
+        self.model.make_train_function(force=True)
+        self._traced_train_function = self.model.train_function
+        self._detector = StreamingDetector(self.thresholds)
+
+    def close(self):
+        """Removes the tap from the model, so that a later `fit` runs exactly as without keras-vg.
+
+        Until then, a `fit` without this callback still runs the tap's few
+        reductions (nothing is written). Calling `close` twice is harmless.
+        """
+        if self.tap is not None:
+            self.tap.uninstall()
+            if self.model is not None and self.model.train_function is self._traced_train_function:
+                self.model.make_train_function(force=True)
+        self.tap = None
+        self._traced_train_function = None
+        if self._writer is not None:
+            self._writer.close()
+
     def _read_and_write(self):
+        self._pending = 0
+        self._last_read = time.monotonic()
         for step, values in self.tap.read_new():
             self._write_record(step, values)
 
     def _write_record(self, step, values):
-        names = {}
-        for name in self.stats:
-            if name not in values:
-                continue
-            names[name] = self.tap.names_for(name)
-            if fmt.axis_of(name) == fmt.AXIS_SCALAR:
-                self._writer.write_stat(name, step, values[name])
-            elif names[name]:
-                self._writer.write_stat(name, step, values[name], names[name])
+        names = {name: self.tap.names_for(name) for name in self.stats if name in values}
+        record = {
+            name: (values[name], names[name]) for name in names
+            if fmt.axis_of(name) == fmt.AXIS_SCALAR or names[name]
+        }
+        scalars = {}
         if "global_grad_norm" in values:
-            self._writer.write_scalar(fmt.SCALARS_GLOBAL_NORM_TAG, step, values["global_grad_norm"])
+            scalars[fmt.SCALARS_GLOBAL_NORM_TAG] = values["global_grad_norm"]
+        self._writer.write_record(step, record, scalars)
         episodes = self._detector.observe(step, values, names)
         if episodes:
             events = [{"kind": "alert", "step": step, "message": e.message} for e in episodes]
@@ -213,6 +262,7 @@ class GradientMonitor(keras.callbacks.Callback):
         if self.tap is not None:
             self.tap.uninstall()
         self.tap = None
+        self._traced_train_function = None
 
     def _guard(self, work):
         """Runs host-side work; a failure warns once and never stops the user's fit."""

@@ -69,6 +69,11 @@ def _units(layer, axis):
         return None
 
 
+def _value(variable):
+    """The backend tensor of a Keras variable (a plain tf.Variable passes through)."""
+    return variable.value if hasattr(variable, "value") else variable
+
+
 class _Buffers:
     """Ring buffers of `capacity` recorded steps, created under a strategy scope."""
 
@@ -89,19 +94,29 @@ class _Buffers:
         return self.variables[key]
 
 
-def _write_row(variable, value, mask):
-    """Writes `value` into the rows of `variable` where `mask` [capacity] is True."""
+def _write_row(variable, value, slot):
+    """Writes `value` into row `slot` of a ring buffer."""
     value = tf.convert_to_tensor(value, variable.dtype)
-    shape = [-1] + [1] * value.shape.rank
-    # tf.where, not arithmetic masking: a NaN value times 0 would still be NaN.
-    variable.assign(tf.where(tf.reshape(mask, shape), value[tf.newaxis], variable))
+    # SyncOnRead variables have no scatter in a replica context: rewrite the (small) buffer.
+    variable.assign(tf.tensor_scatter_nd_update(variable.read_value(), tf.reshape(slot, [1, 1]), value[tf.newaxis]))
 
 
-def _close_window(accumulator, rows, mask, is_record):
-    """Copies a since-last-record accumulator into its row, and resets it on record steps."""
-    total = accumulator.read_value()
-    _write_row(rows, total, mask)
-    accumulator.assign(tf.where(is_record, tf.zeros_like(total), total))
+def _close_window(accumulator, rows, slot):
+    """Moves a since-last-record accumulator into row `slot` and restarts it."""
+    _write_row(rows, accumulator.read_value(), slot)
+    accumulator.assign(tf.zeros_like(accumulator))
+
+
+def _on_record_steps(is_record, record):
+    """Runs `record` (which only writes buffers) on record steps; other steps skip its work."""
+    def skip():
+        return tf.constant(False)
+
+    def run():
+        record()
+        return tf.constant(True)
+
+    return tf.cond(is_record, run, skip)
 
 
 class Tap:
@@ -192,9 +207,9 @@ class Tap:
         for i, (_, _, units) in enumerate(self.dead_layers):
             buffers.add(f"fired/{i}", [capacity, units], total)
             buffers.add(f"fired/{i}/acc", [units], total)
-        if self.saturation_layers:
-            buffers.add("saturated", [capacity, len(self.saturation_layers), 2], total)
-            buffers.add("saturated/acc", [len(self.saturation_layers), 2], total)
+        for i in range(len(self.saturation_layers)):
+            buffers.add(f"saturated/{i}", [capacity, 2], total)
+            buffers.add(f"saturated/{i}/acc", [2], total)
         return buffers
 
     def install(self):
@@ -243,12 +258,13 @@ class Tap:
 
     # In-graph recording -------------------------------------------------------
 
-    def _record_slots(self):
+    def _step(self):
+        """The step being taken (`iterations` before the update) and whether it is recorded."""
         step = tf.cast(tf.convert_to_tensor(self.optimizer.iterations), tf.int64)
-        is_record = tf.equal(step % self.every, 0)
-        slot = (step // self.every) % self.capacity
-        mask = tf.logical_and(tf.equal(tf.range(self.capacity, dtype=tf.int64), slot), is_record)
-        return step, is_record, mask
+        return step, tf.equal(step % self.every, 0)
+
+    def _slot(self, step):
+        return (step // self.every) % self.capacity
 
     def _train_step(self, original):
         def train_step(*args, **kwargs):
@@ -280,10 +296,12 @@ class Tap:
             def call(*args, **kwargs):
                 outputs = original(*args, **kwargs)
                 if self._in_train_step and isinstance(outputs, tf.Tensor):
+                    # Saturation is a property of the step measured, not a window: count it on
+                    # record steps only, so that other steps skip a pass over the activations.
                     with tf.name_scope("keras_vg"):
-                        saturated, total = stats.saturated_count(outputs, kind, self.saturation_epsilon)
-                        one_hot = tf.one_hot(index, len(self.saturation_layers))[:, tf.newaxis]
-                        self.buffers["saturated/acc"].assign_add(one_hot * tf.stack([saturated, total]))
+                        accumulator = self.buffers[f"saturated/{index}/acc"]
+                        _on_record_steps(self._step()[1], lambda: accumulator.assign_add(
+                            tf.stack(stats.saturated_count(outputs, kind, self.saturation_epsilon))))
                 return outputs
 
             return call
@@ -294,21 +312,34 @@ class Tap:
         return [self._index.get(id(v), self._index.get(id(getattr(v, "value", v)))) for v in variables]
 
     def _observe_gradients(self, grads, variables):
-        """Records gradient statistics of the aggregated, unscaled, pre-clip gradients."""
+        """Records statistics of the aggregated, unscaled, pre-clip gradients.
+
+        Every step pays one fused reduction per variable, for the non-finite
+        count that must not miss a step; norms and maxima are computed on
+        record steps only.
+        """
         self.gradient_trace_count += 1
+        present = [(g, p) for g, p in zip(grads, self._positions(variables)) if g is not None and p is not None]
+        if not present:
+            return
+        tensors = [stats.dense_values(g) for g, _ in present]
+        positions = tf.constant([[p] for _, p in present], tf.int32)
         n = len(self.variables)
-        norms, maxes, nonfinite = [tf.zeros([])] * n, [tf.zeros([])] * n, [tf.zeros([])] * n
-        for grad, position in zip(grads, self._positions(variables)):
-            if grad is None or position is None:
-                continue
-            norms[position], maxes[position], nonfinite[position] = stats.gradient_stats(grad)
-        norms, maxes, nonfinite = tf.stack(norms), tf.stack(maxes), tf.stack(nonfinite)
-        _, is_record, mask = self._record_slots()
-        _write_row(self.buffers["grad_norm"], norms, mask)
-        _write_row(self.buffers["grad_max_abs"], maxes, mask)
-        _write_row(self.buffers["global_grad_norm"], stats.global_norm(norms), mask)
-        self.buffers["grad_nonfinite/acc"].assign_add(nonfinite)
-        _close_window(self.buffers["grad_nonfinite/acc"], self.buffers["grad_nonfinite"], mask, is_record)
+        step, is_record = self._step()
+        sums = stats.squared_norms(tensors)
+        nonfinite = stats.nonfinite_counts(tensors, sums)
+        accumulator = self.buffers["grad_nonfinite/acc"]
+        accumulator.assign_add(tf.scatter_nd(positions, nonfinite, [n]))
+
+        def record():
+            slot = self._slot(step)
+            norms, max_abs = stats.norms_and_max_abs(tensors, sums, nonfinite)
+            _write_row(self.buffers["grad_norm"], tf.scatter_nd(positions, norms, [n]), slot)
+            _write_row(self.buffers["grad_max_abs"], tf.scatter_nd(positions, max_abs, [n]), slot)
+            _write_row(self.buffers["global_grad_norm"], stats.global_norm(norms), slot)
+            _close_window(accumulator, self.buffers["grad_nonfinite"], slot)
+
+        _on_record_steps(is_record, record)
 
     def _observe_aggregated(self, grads, variables):
         with tf.name_scope("keras_vg"):
@@ -320,15 +351,39 @@ class Tap:
             variables = list(trainable_variables) if trainable_variables is not None else self.variables
             grads = list(grads)
             with tf.name_scope("keras_vg"):
-                before = [tf.identity(v.value if hasattr(v, "value") else v) for v in variables]
+                step, is_record = self._step()
                 if not self._gradient_hook_installed:
                     self._observe_local_gradients(grads, variables)
-            result = original(grads, trainable_variables)
+
+            def apply_and_record():
+                with tf.name_scope("keras_vg"):
+                    before = [tf.identity(_value(v)) for v in variables]
+                original(grads, trainable_variables)
+                with tf.name_scope("keras_vg"):
+                    self._record_update(variables, before, step)
+                return tf.constant(True)
+
+            def apply_only():
+                original(grads, trainable_variables)
+                return tf.constant(False)
+
+            if not any(s in self.stats_to_record for s in fmt.WEIGHT_STATS):
+                original(grads, trainable_variables)
+            elif self._can_branch_around_apply():
+                # Only record steps copy the weights for the update ratio.
+                tf.cond(is_record, apply_and_record, apply_only)
+            else:
+                apply_and_record()
             with tf.name_scope("keras_vg"):
-                self._observe_update(variables, before)
-            return result
+                _on_record_steps(is_record, lambda: self._close_windows(step))
 
         return apply
+
+    def _can_branch_around_apply(self):
+        # Under a strategy the update calls merge_call, which a tf.cond branch
+        # must not contain (keras-team/keras#20582); an unbuilt optimizer
+        # creates variables in apply, which a branch must not either.
+        return tf.distribute.get_replica_context().num_replicas_in_sync == 1 and self.optimizer.built
 
     def _observe_local_gradients(self, grads, variables):
         scale = getattr(self.optimizer, "loss_scale_factor", None)
@@ -343,31 +398,31 @@ class Tap:
                 grads[i] = g
         self._observe_gradients(grads, variables)
 
-    def _observe_update(self, variables, before):
-        step, is_record, mask = self._record_slots_before_increment()
-        n = len(self.variables)
-        weight_norms, ratios = [tf.zeros([])] * n, [tf.zeros([])] * n
-        for variable, value_before, position in zip(variables, before, self._positions(variables)):
-            if position is None:
-                continue
-            after = tf.identity(variable.value if hasattr(variable, "value") else variable)
-            weight_norms[position], ratios[position] = stats.update_ratio(value_before, after)
-        _write_row(self.buffers["weight_norm"], tf.stack(weight_norms), mask)
-        _write_row(self.buffers["update_ratio"], tf.stack(ratios), mask)
-        for i in range(len(self.dead_layers)):
-            _close_window(self.buffers[f"fired/{i}/acc"], self.buffers[f"fired/{i}"], mask, is_record)
-        if self.saturation_layers:
-            _close_window(self.buffers["saturated/acc"], self.buffers["saturated"], mask, is_record)
-        _write_row(self.buffers["steps"], step, mask)
+    def _record_update(self, variables, before, step):
+        """On a record step: the weight norm before, and the ratio of the change actually applied."""
+        present = [(v, b, p) for v, b, p in zip(variables, before, self._positions(variables)) if p is not None]
+        if not present:
+            return
+        positions = tf.constant([[p] for _, _, p in present], tf.int32)
 
-    def _record_slots_before_increment(self):
-        # `apply` has already counted this step: the step being recorded is one less.
-        step, _, _ = self._record_slots()
-        step = step - 1
-        is_record = tf.equal(step % self.every, 0)
-        slot = (step // self.every) % self.capacity
-        mask = tf.logical_and(tf.equal(tf.range(self.capacity, dtype=tf.int64), slot), is_record)
-        return step, is_record, mask
+        def record():
+            after = [tf.identity(_value(v)) for v, _, _ in present]
+            weight_norms, ratios = stats.update_ratios([b for _, b, _ in present], after)
+            n, slot = len(self.variables), self._slot(step)
+            _write_row(self.buffers["weight_norm"], tf.scatter_nd(positions, weight_norms, [n]), slot)
+            # Variables with no update this step read NaN (undefined), not 0.
+            ratio_row = tf.tensor_scatter_nd_update(tf.fill([n], float("nan")), positions, ratios)
+            _write_row(self.buffers["update_ratio"], ratio_row, slot)
+
+        _on_record_steps(tf.equal(step % self.every, 0), record)
+
+    def _close_windows(self, step):
+        slot = self._slot(step)
+        for i in range(len(self.dead_layers)):
+            _close_window(self.buffers[f"fired/{i}/acc"], self.buffers[f"fired/{i}"], slot)
+        for i in range(len(self.saturation_layers)):
+            _close_window(self.buffers[f"saturated/{i}/acc"], self.buffers[f"saturated/{i}"], slot)
+        _write_row(self.buffers["steps"], step, slot)
 
     # Host side -----------------------------------------------------------------
 
@@ -409,7 +464,7 @@ class Tap:
                 dtype=np.float32,
             )
         if self.saturation_layers:
-            counts = arrays["saturated"][row]
+            counts = np.stack([arrays[f"saturated/{i}"][row] for i in range(len(self.saturation_layers))])
             with np.errstate(invalid="ignore", divide="ignore"):
                 values["saturation_fraction"] = np.where(counts[:, 1] > 0, counts[:, 0] / counts[:, 1], np.nan)
         return values

@@ -7,32 +7,42 @@ import tensorflow as tf
 from keras_vg import stats
 
 
-@pytest.mark.parametrize("values", [
-    np.array([3.0, -4.0]),
-    np.random.RandomState(0).randn(7, 5) * 1e-20,
-    np.random.RandomState(1).randn(300) * 1e25,  # sum of squares overflows float32
-])
-def test_gradient_stats_match_numpy(values):
-    norm, max_abs, nonfinite = stats.gradient_stats(tf.constant(values, tf.float32))
-    values32 = values.astype(np.float32).astype(np.float64)
-    np.testing.assert_allclose(float(norm), np.linalg.norm(values32), rtol=1e-5)
-    assert float(max_abs) == pytest.approx(np.max(np.abs(values32)), rel=1e-6)
-    assert float(nonfinite) == 0
+def gradient_stats(values):
+    tensors = [stats.dense_values(tf.constant(v)) if not isinstance(v, tf.IndexedSlices) else stats.dense_values(v)
+               for v in values]
+    sums = stats.squared_norms(tensors)
+    nonfinite = stats.nonfinite_counts(tensors, sums)
+    norms, max_abs = stats.norms_and_max_abs(tensors, sums, nonfinite)
+    return norms.numpy(), max_abs.numpy(), nonfinite.numpy()
 
 
-def test_gradient_stats_count_nonfinite():
-    g = tf.constant([1.0, np.nan, np.inf, -np.inf, 2.0])
-    norm, _, nonfinite = stats.gradient_stats(g)
-    assert float(nonfinite) == 3
-    assert not np.isfinite(float(norm))
+@pytest.mark.parametrize("scale", [1.0, 1e-20, 1e25])  # 1e-20 underflows and 1e25 overflows sums of squares
+def test_gradient_stats_match_numpy(scale):
+    rng = np.random.RandomState(0)
+    values = [(rng.randn(7, 5) * scale).astype(np.float32), (rng.randn(300) * scale).astype(np.float32),
+              np.array([3.0, -4.0], np.float32)]
+    norms, max_abs, nonfinite = gradient_stats(values)
+    np.testing.assert_allclose(norms, [np.linalg.norm(v.astype(np.float64)) for v in values], rtol=1e-5)
+    np.testing.assert_allclose(max_abs, [np.abs(v).max() for v in values], rtol=1e-6)
+    np.testing.assert_array_equal(nonfinite, 0)
+
+
+def test_gradient_stats_count_nonfinite_per_tensor():
+    norms, _, nonfinite = gradient_stats([np.array([1.0, np.nan, np.inf, -np.inf, 2.0], np.float32),
+                                          np.array([3.0, 4.0], np.float32)])
+    np.testing.assert_array_equal(nonfinite, [3, 0])
+    assert not np.isfinite(norms[0]) and norms[1] == pytest.approx(5.0)
 
 
 def test_gradient_stats_of_indexed_slices_use_values():
-    values = tf.constant([[3.0, 0.0], [0.0, 4.0]])
-    grad = tf.IndexedSlices(values, tf.constant([0, 5]), tf.constant([10, 2]))
-    norm, max_abs, _ = stats.gradient_stats(grad)
-    assert float(norm) == pytest.approx(5.0)
-    assert float(max_abs) == pytest.approx(4.0)
+    grad = tf.IndexedSlices(tf.constant([[3.0, 0.0], [0.0, 4.0]]), tf.constant([0, 5]), tf.constant([10, 2]))
+    norms, max_abs, _ = gradient_stats([grad])
+    assert norms[0] == pytest.approx(5.0) and max_abs[0] == pytest.approx(4.0)
+
+
+def test_float16_gradients_are_measured_in_float32():
+    norms, _, _ = gradient_stats([np.full(4, 300.0, np.float16)])  # 4·300² overflows float16
+    assert norms[0] == pytest.approx(600.0)
 
 
 def test_global_norm_is_norm_of_norms_even_when_huge():
@@ -41,14 +51,13 @@ def test_global_norm_is_norm_of_norms_even_when_huge():
     assert float(stats.global_norm(tf.constant([3.0, 4.0]))) == pytest.approx(5.0)
 
 
-def test_update_ratio_and_undefined_ratio():
+def test_update_ratios_and_undefined_ratio():
     before = np.array([[1.0, 2.0], [2.0, 4.0]], np.float32)
     after = before - 0.01 * np.array([[1.0, -1.0], [0.5, 2.0]], np.float32)
-    weight_norm, ratio = stats.update_ratio(tf.constant(before), tf.constant(after))
-    assert float(weight_norm) == pytest.approx(np.linalg.norm(before), rel=1e-6)
-    assert float(ratio) == pytest.approx(np.linalg.norm(after - before) / np.linalg.norm(before), rel=1e-5)
-    _, undefined = stats.update_ratio(tf.zeros([3]), tf.ones([3]))
-    assert np.isnan(float(undefined))
+    weight_norms, ratios = stats.update_ratios([tf.constant(before), tf.zeros([3])], [tf.constant(after), tf.ones([3])])
+    assert weight_norms.numpy()[0] == pytest.approx(np.linalg.norm(before), rel=1e-6)
+    assert ratios.numpy()[0] == pytest.approx(np.linalg.norm(after - before) / np.linalg.norm(before), rel=1e-5)
+    assert weight_norms.numpy()[1] == 0 and np.isnan(ratios.numpy()[1])
 
 
 def test_fired_counts_per_unit_and_channel_axis():
