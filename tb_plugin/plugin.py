@@ -1,0 +1,447 @@
+"""The Gradients tab: JSON routes over `context.data_provider`, and the static page.
+
+Routes, served under `/data/plugin/keras_vg/` (all JSON with sorted keys; a
+bad parameter gets a 400 with `{"error": ...}`):
+
+| route             | parameters                 | answer                                         |
+|-------------------|----------------------------|------------------------------------------------|
+| `/runs`           |                            | runs and their statistics                      |
+| `/heatmap`        | `run, stat, columns`       | variables x step buckets: log10 codes, regions |
+| `/series`         | `run, stat, name, columns` | one variable over steps (bucket max and min)   |
+| `/profile`        | `run, stat, step[, step_end]` | every variable at one step (or bucket)      |
+| `/events`         | `run`                      | clipping on/off, skipped steps, alerts         |
+| `/classification` | `run`                      | region episodes from `keras_vg.detect`         |
+| `/static/*`       |                            | the page (only files of `tb_plugin/static/`)   |
+
+Downsampling keeps extremes: see `tb_plugin.downsample`.
+"""
+
+import collections
+import json
+import os
+import threading
+import types
+
+import numpy as np
+from tensorboard.backend import http_util, json_util
+from tensorboard.plugins import base_plugin
+from werkzeug import wrappers
+
+from keras_vg import format as fmt
+from tb_plugin import data as data_lib
+from tb_plugin import downsample
+
+STATIC_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static")
+_CONTENT_TYPES = {".js": "text/javascript", ".css": "text/css", ".svg": "image/svg+xml"}
+
+MAX_COLUMNS = 4000
+MAX_CELLS = 640_000
+"""Largest heatmap sent (variables x columns): 1.7 MB of base64. More
+variables get fewer columns, and the response says so."""
+
+CLASSIFICATION_CACHE = 8
+"""Runs whose region codes are kept in memory."""
+
+HEATMAP_STATS = tuple(s for s in fmt.STATS if fmt.axis_of(s) != fmt.AXIS_SCALAR)
+
+
+class GradientsPlugin(base_plugin.TBPlugin):
+    """Serves the Gradients tab.
+
+    Args:
+        context: A `base_plugin.TBContext`; only `data_provider` and
+            `sampling_hints` are used.
+
+    Example:
+
+    >>> plugin = GradientsPlugin(base_plugin.TBContext(data_provider=provider))  # doctest: +SKIP
+    """
+
+    plugin_name = fmt.PLUGIN_NAME
+
+    def __init__(self, context):
+        self._reader = data_lib.Reader(context.data_provider, context.sampling_hints)
+        self._static_files = _list_static_files()
+        self._classifications = collections.OrderedDict()  # (eid, run) -> (data versions, result)
+        self._lock = threading.Lock()
+
+    def get_plugin_apps(self):
+        return {
+            "/runs": self._serve_runs,
+            "/heatmap": self._serve_heatmap,
+            "/series": self._serve_series,
+            "/profile": self._serve_profile,
+            "/events": self._serve_events,
+            "/classification": self._serve_classification,
+            "/static/*": self._serve_static,
+        }
+
+    def is_active(self):
+        return False  # the tab is enabled through data_plugin_names instead
+
+    def data_plugin_names(self):
+        return (fmt.PLUGIN_NAME,)
+
+    def frontend_metadata(self):
+        # The host's reload button does nothing for iframe plugins; the page polls itself.
+        return base_plugin.FrontendMetadata(
+            es_module_path="/static/index.js", tab_name="Gradients", disable_reload=True
+        )
+
+    # Routes: thin wrappers over the *_impl methods, which tests can call directly.
+
+    @wrappers.Request.application
+    def _serve_runs(self, request):
+        return self._respond(request, lambda ctx, eid: self.runs_impl(ctx, eid))
+
+    @wrappers.Request.application
+    def _serve_heatmap(self, request):
+        return self._respond(request, lambda ctx, eid: self.heatmap_impl(
+            ctx, eid, run=_arg(request, "run"), stat=_arg(request, "stat"),
+            columns=_int_arg(request, "columns", 1, MAX_COLUMNS, default=800),
+        ))
+
+    @wrappers.Request.application
+    def _serve_series(self, request):
+        return self._respond(request, lambda ctx, eid: self.series_impl(
+            ctx, eid, run=_arg(request, "run"), stat=_arg(request, "stat"),
+            name=request.args.get("name", ""),
+            columns=_int_arg(request, "columns", 1, MAX_COLUMNS, default=1000),
+        ))
+
+    @wrappers.Request.application
+    def _serve_profile(self, request):
+        return self._respond(request, lambda ctx, eid: self.profile_impl(
+            ctx, eid, run=_arg(request, "run"), stat=_arg(request, "stat"),
+            step=_int_arg(request, "step", -(2**62), 2**62, default=None),
+            step_end=_int_arg(request, "step_end", -(2**62), 2**62, default=None),
+        ))
+
+    @wrappers.Request.application
+    def _serve_events(self, request):
+        return self._respond(request, lambda ctx, eid: self.events_impl(ctx, eid, run=_arg(request, "run")))
+
+    @wrappers.Request.application
+    def _serve_classification(self, request):
+        return self._respond(
+            request, lambda ctx, eid: self.classification_impl(ctx, eid, run=_arg(request, "run"))
+        )
+
+    @wrappers.Request.application
+    def _serve_static(self, request):
+        # Only names listed from our own folder at start-up are served, so no
+        # path (encoded, dotted, absolute, backslashed) can reach another file.
+        marker = f"/plugin/{fmt.PLUGIN_NAME}/static/"
+        name = request.path.split(marker, 1)[-1] if marker in request.path else ""
+        path = self._static_files.get(name)
+        if path is None:
+            return http_util.Respond(request, "Not found", "text/plain", code=404)
+        with open(path, "rb") as handle:
+            content = handle.read()
+        content_type = _CONTENT_TYPES[os.path.splitext(name)[1]]
+        return http_util.Respond(request, content, content_type)
+
+    def _respond(self, request, answer):
+        """Calls `answer(ctx, experiment_id)`; a `BadRequest` becomes a 400 with its message."""
+        try:
+            body, code = answer(_context(request), _experiment(request)), 200
+        except data_lib.BadRequest as error:
+            body, code = {"error": str(error)}, 400
+        text = json.dumps(json_util.Cleanse(body), sort_keys=True, separators=(",", ":"))
+        return http_util.Respond(request, text, "application/json", code=code)
+
+    # Implementations.
+
+    def runs_impl(self, ctx, eid):
+        """Lists runs with keras-vg data.
+
+        Returns:
+            `{"runs": [{"run", "stats", "heatmap_stats", "has_events",
+            "max_step", "error"}], "stats": <all known statistics>}`; `error`
+            is set when a run was written in a newer format.
+        """
+        runs = []
+        for run, names in sorted(self._reader.runs(ctx, eid).items()):
+            error = None
+            for time_series in names.values():
+                try:
+                    fmt.decode_metadata(time_series.plugin_content)
+                except fmt.FormatError as format_error:
+                    error = str(format_error)
+            stats = [s for s in fmt.STATS if s in names]
+            runs.append({
+                "error": error,
+                "has_events": fmt.EVENTS_NAME in names,
+                "heatmap_stats": [s for s in stats if s in HEATMAP_STATS],
+                "max_step": max(int(ts.max_step) for ts in names.values()),
+                "run": run,
+                "stats": stats,
+            })
+        return {"runs": runs, "stats": list(fmt.STATS)}
+
+    def heatmap_impl(self, ctx, eid, run, stat, columns):
+        """Variables x step buckets of one statistic, downsampled keeping extremes.
+
+        Returns:
+            A dict with `names` (rows, model order, input first), `step_start`
+            and `step_end` per column, `values` (base64 int16 log10 codes,
+            `[rows, columns]`, see `downsample.encode_log16`), `classes`
+            (`keras_vg.detect` codes of the same shape, see
+            `downsample.encode_regions`; names in `regions`),
+            `downsampled`, `reduction`, `num_steps` and `retention`.
+        """
+        if stat not in HEATMAP_STATS:
+            raise data_lib.BadRequest(f"`stat` must be one of {list(HEATMAP_STATS)}. Received: stat={stat!r}")
+        series = self._reader.series(ctx, eid, run, stat)
+        rows, steps = series.values.shape[0], len(series.steps)
+        columns = min(columns, max(1, MAX_CELLS // max(1, rows)))
+        starts = downsample.bucket_starts(steps, columns)
+        values = downsample.reduce_values(series.values, starts, stat)
+        classes = self._classes_for(ctx, eid, run, series, starts)
+        return {
+            "classes": downsample.encode_regions(classes),
+            "columns": len(starts),
+            "downsampled": len(starts) < steps,
+            "encoding": {"scale": downsample.LOG16_SCALE, "special": downsample.SPECIAL_CODES},
+            "names": series.names,
+            "num_steps": steps,
+            "reduction": _reduction_text(stat),
+            "regions": list(_detect().CLASS_NAMES),
+            "retention": series.retention,
+            "run": run,
+            "stat": stat,
+            "step_end": _bucket_ends(series.steps, starts).tolist(),
+            "step_start": series.steps[starts].tolist() if steps else [],
+            "values": downsample.encode_log16(values),
+        }
+
+    def series_impl(self, ctx, eid, run, stat, name, columns):
+        """One variable's (or layer's, or the scalar's) values over the steps.
+
+        Returns:
+            A dict with `steps` (bucket starts), `step_end`, `max` and `min`
+            per bucket (equal when not downsampled), `downsampled`,
+            `retention`.
+        """
+        series = self._reader.series(ctx, eid, run, stat)
+        row = series.values[series.row(name):][:1]
+        starts = downsample.bucket_starts(len(series.steps), columns)
+        high = downsample.reduce_values(row, starts, stat)[0]
+        with np.errstate(invalid="ignore"):
+            low = -downsample.reduce_values(-row, starts, stat)[0]
+        return {
+            "downsampled": len(starts) < len(series.steps),
+            "max": _floats(high),
+            "min": _floats(low),
+            "name": name,
+            "retention": series.retention,
+            "run": run,
+            "stat": stat,
+            "step_end": _bucket_ends(series.steps, starts).tolist(),
+            "steps": series.steps[starts].tolist() if len(series.steps) else [],
+        }
+
+    def profile_impl(self, ctx, eid, run, stat, step, step_end=None):
+        """Every variable's value at one step, or its bucket value over a step range.
+
+        Args:
+            step: The step; the nearest recorded one is used. None: the last.
+            step_end: With `step`, reduce over the recorded steps in
+                `[step, step_end]` as the heatmap does (max, NaN or inf
+                win), so a clicked heatmap column shows the same values.
+
+        Returns:
+            A dict with `names`, `values`, `step` and `step_end` (the
+            recorded steps used).
+        """
+        if stat not in HEATMAP_STATS:
+            raise data_lib.BadRequest(f"`stat` must be one of {list(HEATMAP_STATS)}. Received: stat={stat!r}")
+        series = self._reader.series(ctx, eid, run, stat)
+        steps = series.steps
+        answer = {"names": series.names, "run": run, "stat": stat, "step": None, "step_end": None,
+                  "values": []}
+        if not len(steps):
+            return answer
+        if step is None:
+            first = last = len(steps) - 1
+        elif step_end is not None and step_end >= step and ((steps >= step) & (steps <= step_end)).any():
+            inside = np.flatnonzero((steps >= step) & (steps <= step_end))
+            first, last = int(inside[0]), int(inside[-1])
+        else:
+            first = last = int(np.argmin(np.abs(steps - step)))
+        values = downsample.reduce_values(series.values[:, first:last + 1], np.array([0]), stat)[:, 0]
+        answer.update(step=int(steps[first]), step_end=int(steps[last]), values=_floats(values))
+        return answer
+
+    def events_impl(self, ctx, eid, run):
+        """Clipping on/off, skipped steps and alerts, sorted by step."""
+        records, retention = self._reader.json_records(ctx, eid, run, fmt.EVENTS_NAME)
+        events = []
+        for step, batch in records:
+            for event in batch if isinstance(batch, list) else []:
+                if isinstance(event, dict):
+                    events.append(dict(event, step=_int_or(event.get("step"), step)))
+        events.sort(key=lambda event: event["step"])
+        return {"events": events, "retention": retention, "run": run}
+
+    def classification_impl(self, ctx, eid, run):
+        """Region episodes of a run, by the rules of `keras_vg.detect`."""
+        result = self._classify(ctx, eid, run)
+        return {"episodes": result["episodes"], "run": run}
+
+    # Classification, shared by /heatmap and /classification.
+
+    def _classify(self, ctx, eid, run):
+        """Runs `keras_vg.detect` over every statistic of the run (cached per data version)."""
+        stats = {
+            name: self._reader.series(ctx, eid, run, name)
+            for name in self._reader.runs(ctx, eid).get(run, {}) if name in fmt.STAT_AXES
+        }
+        if not stats and run not in self._reader.runs(ctx, eid):
+            raise data_lib.BadRequest(f"Unknown run. Received: run={run!r}")
+        key = tuple(sorted((name, series.version) for name, series in stats.items()))
+        cached = self._classifications.get((eid, run))
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        detect = _detect()
+        inputs = {
+            name: (s.steps, s.names, s.values[0] if not s.names else s.values.T)
+            for name, s in stats.items()
+        }
+        classification = detect.classify(inputs)
+        result = {
+            # Only the codes are kept: the full Classification also holds float
+            # figures for every cell, 5x the memory.
+            "grids": {
+                "variable": _slim(classification.variables),
+                "layer": _slim(classification.layers),
+            },
+            "episodes": [_episode_json(e) for e in detect.find_episodes(classification)],
+            "aligned": {},  # statistic -> (series version, codes on its rows and steps)
+        }
+        with self._lock:
+            self._classifications[(eid, run)] = (key, result)
+            self._classifications.move_to_end((eid, run))
+            while len(self._classifications) > CLASSIFICATION_CACHE:
+                self._classifications.popitem(last=False)
+        return result
+
+    def _classes_for(self, ctx, eid, run, series, starts):
+        """Region codes `[rows, buckets]` aligned with a heatmap."""
+        result = self._classify(ctx, eid, run)
+        aligned = result["aligned"].get(series.name)
+        if aligned is None or aligned[0] != series.version:
+            # Cached with the classification: aligning 20,000 x 1,000 cells costs ~0.2 s.
+            grid = result["grids"]["layer" if fmt.axis_of(series.name) == fmt.AXIS_LAYER else "variable"]
+            aligned = result["aligned"][series.name] = (series.version, _align(grid, series))
+        detect = _detect()
+        priority = (detect.NONFINITE, detect.EXPLODING, detect.VANISHING, detect.DEAD,
+                    detect.SATURATED, detect.HEALTHY)
+        return downsample.reduce_classes(aligned[1], starts, priority)
+
+
+def _detect():
+    # Imported on first use: the rules live in keras_vg.detect alone, and
+    # TensorBoard's start-up does not pay for them.
+    from keras_vg import detect
+
+    return detect
+
+
+def _slim(grid):
+    """The part of a `keras_vg.detect.Grid` the heatmap needs: steps, names, int8 codes."""
+    return types.SimpleNamespace(steps=np.asarray(grid.steps), names=tuple(grid.names),
+                                 codes=np.asarray(grid.codes, dtype=np.int8))
+
+
+def _align(grid, series):
+    """A grid's codes `[T, N]` on a series' rows and steps: `[rows, T']`."""
+    if tuple(series.names) == tuple(grid.names) and np.array_equal(series.steps, grid.steps):
+        return np.ascontiguousarray(grid.codes.T)  # the usual case: same axes
+    out = np.zeros((len(series.names), len(series.steps)), dtype=np.int8)
+    if not len(grid.steps) or not len(grid.names) or not len(series.steps):
+        return out
+    grid_steps = np.asarray(grid.steps)
+    where = np.clip(np.searchsorted(grid_steps, series.steps), 0, len(grid_steps) - 1)
+    found = grid_steps[where] == series.steps
+    name_index = {name: i for i, name in enumerate(grid.names)}
+    columns = np.array([name_index.get(name, -1) for name in series.names], dtype=np.int64)
+    have = columns >= 0
+    codes = np.asarray(grid.codes, dtype=np.int8)[where[found]][:, columns[have]]  # [T', R']
+    out[np.ix_(have, found)] = codes.T
+    return out
+
+
+def _episode_json(episode):
+    return {
+        "first_step": int(episode.first_step),
+        "kind": episode.kind,
+        "last_step": int(episode.last_step),
+        "message": episode.message,
+        "names": list(episode.names),
+        "scope": episode.scope,
+    }
+
+
+def _reduction_text(stat):
+    if stat in downsample.NAN_IS_ABSENT:
+        return "max of the defined values per bucket"
+    return "max per bucket; NaN or inf anywhere in the bucket wins"
+
+
+def _bucket_ends(steps, starts):
+    if not len(steps):
+        return np.zeros(0, dtype=np.int64)
+    return steps[np.append(starts[1:] - 1, len(steps) - 1)]
+
+
+def _floats(array):
+    return [float(v) for v in np.asarray(array, dtype=np.float64)]
+
+
+def _int_or(value, default):
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return int(default)
+
+
+def _arg(request, name):
+    value = request.args.get(name)
+    if not value:
+        raise data_lib.BadRequest(f"Missing query parameter `{name}`.")
+    return value
+
+
+def _int_arg(request, name, low, high, default):
+    value = request.args.get(name)
+    if value is None or value == "":
+        return default
+    try:
+        number = int(value)
+    except ValueError:
+        raise data_lib.BadRequest(f"`{name}` must be an integer. Received: {name}={value!r}") from None
+    if not low <= number <= high:
+        raise data_lib.BadRequest(f"`{name}` must be in [{low}, {high}]. Received: {name}={value!r}")
+    return number
+
+
+def _context(request):
+    from tensorboard import plugin_util
+
+    return plugin_util.context(request.environ)
+
+
+def _experiment(request):
+    from tensorboard import plugin_util
+
+    return plugin_util.experiment_id(request.environ)
+
+
+def _list_static_files():
+    files = {}
+    for name in sorted(os.listdir(STATIC_DIR)):
+        path = os.path.join(STATIC_DIR, name)
+        if os.path.isfile(path) and os.path.splitext(name)[1] in _CONTENT_TYPES:
+            files[name] = path
+    return files

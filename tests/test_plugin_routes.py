@@ -1,0 +1,377 @@
+"""The Gradients tab's routes, through werkzeug, against TensorBoard's own data provider.
+
+Event files are written with `keras_vg.event_writer.EventWriter` (fast), read by
+a real `EventMultiplexer` + `MultiplexerDataProvider`, and served by a real
+`TensorBoardWSGI`. One test (marked `fit`) serves files that the real
+`GradientMonitor` wrote during `model.fit`.
+"""
+
+import base64
+import json
+import os
+import subprocess
+import sys
+import warnings
+
+import numpy as np
+import pytest
+from tensorboard.backend import application
+from tensorboard.backend.event_processing import data_provider as provider_lib
+from tensorboard.backend.event_processing import plugin_event_multiplexer
+from tensorboard.plugins import base_plugin
+from werkzeug import test as werkzeug_test
+
+from keras_vg import detect
+from keras_vg import format as fmt
+from keras_vg.reader import read_run
+from tb_plugin import data as data_lib
+from tb_plugin import downsample, testing
+from tb_plugin.plugin import GradientsPlugin
+
+NAMES = [f"dense_{i}/kernel" for i in range(8)]
+XSS_NAME = "<img src=x onerror=alert(1)>/kernel"
+STEPS = 60
+SPIKE = (23, 2)  # (step, variable): a one-step explosion
+NAN = (37, 4)  # (step, variable): one non-finite gradient norm
+PLUGIN = "/data/plugin/keras_vg"
+# Log codes are rounded to 1/700 decade: half a unit is this relative error.
+LOG16_RTOL = 10 ** (0.5 / downsample.LOG16_SCALE) - 1
+
+
+def write_run(log_dir, names=NAMES):
+    """A run whose first layers vanish, with one spike, one NaN and clipping events."""
+    testing.write_demo_run(log_dir, names, steps=STEPS, spike=SPIKE, nan=NAN)
+
+
+def make_client(logdir, sampling_hints=None, keep_all=True):
+    """A werkzeug client over a real data provider, loaded as TensorBoard would."""
+    guidance = {fmt.PLUGIN_NAME: 0} if keep_all else {}
+    multiplexer = plugin_event_multiplexer.EventMultiplexer(
+        size_guidance={"tensors": 10}, tensor_size_guidance=guidance
+    )
+    multiplexer.AddRunsFromDirectory(str(logdir))
+    multiplexer.Reload()
+    provider = provider_lib.MultiplexerDataProvider(multiplexer, str(logdir))
+    context = base_plugin.TBContext(
+        logdir=str(logdir), data_provider=provider, sampling_hints=sampling_hints
+    )
+    app = application.TensorBoardWSGI([GradientsPlugin(context)], data_provider=provider)
+    return werkzeug_test.Client(app)
+
+
+def get(client, route, **params):
+    response = client.get(PLUGIN + route, query_string=params)
+    return response.status_code, json.loads(response.get_data(as_text=True))
+
+
+def heatmap_values(body):
+    return downsample.decode_log16(body["values"], (len(body["names"]), body["columns"]))
+
+
+def bucket_max(steps, values, body, nan_wins=True):
+    """What a downsampled heatmap must show: per bucket the max, with NaN winning (or skipped)."""
+    columns = []
+    for start, end in zip(body["step_start"], body["step_end"], strict=True):
+        bucket = values[(steps >= start) & (steps <= end)]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN buckets
+            high = np.nanmax(bucket, axis=0)
+        columns.append(np.where(np.isnan(bucket).any(axis=0), np.nan, high) if nan_wins else high)
+    return np.stack(columns, axis=1)
+
+
+def heatmap_classes(body):
+    """Decodes the region codes, whichever of the two encodings the server chose."""
+    shape = (len(body["names"]), body["columns"])
+    if "bytes" in body["classes"]:
+        return np.frombuffer(base64.b64decode(body["classes"]["bytes"]), dtype=np.int8).reshape(shape)
+    classes = np.zeros(shape, np.int8)
+    for row, first, last, code in np.reshape(body["classes"]["runs"], (-1, 4)):
+        classes[row, first:last + 1] = code
+    return classes
+
+
+@pytest.fixture(scope="module")
+def logdir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("logs")
+    write_run(root / "run_a")
+    write_run(root / "run_xss", names=[XSS_NAME] + NAMES[1:])
+    return root
+
+
+@pytest.fixture(scope="module")
+def client(logdir):
+    return make_client(logdir)
+
+
+def test_runs_lists_runs_and_statistics(client):
+    code, body = get(client, "/runs")
+    assert code == 200
+    assert [r["run"] for r in body["runs"]] == ["run_a", "run_xss"]
+    run = body["runs"][0]
+    assert run["stats"] == ["grad_norm", "weight_norm", "update_ratio", "global_grad_norm"]
+    assert run["heatmap_stats"] == ["grad_norm", "weight_norm", "update_ratio"]
+    assert run["has_events"] and run["max_step"] == STEPS - 1 and run["error"] is None
+
+
+def test_plugins_listing_enables_the_tab(client):
+    response = client.get("/data/plugins_listing")
+    listing = json.loads(response.get_data(as_text=True))[fmt.PLUGIN_NAME]
+    assert listing["enabled"] is True
+    assert listing["tab_name"] == "Gradients"
+    assert listing["loading_mechanism"]["module_path"] == f"{PLUGIN}/static/index.js"
+
+
+def test_heatmap_equals_reader_when_every_step_fits(client, logdir):
+    code, body = get(client, "/heatmap", run="run_a", stat="grad_norm", columns=1000)
+    assert code == 200 and body["downsampled"] is False and body["columns"] == STEPS
+    steps, names, values = read_run(logdir / "run_a").stat("grad_norm")
+    assert body["names"] == names and body["step_start"] == steps.tolist() == body["step_end"]
+    np.testing.assert_allclose(heatmap_values(body), values.T, rtol=LOG16_RTOL, equal_nan=True)
+    assert np.isnan(heatmap_values(body)[NAN[1], NAN[0]])
+
+
+def test_spike_and_nan_survive_downsampling(client, logdir):
+    code, body = get(client, "/heatmap", run="run_a", stat="grad_norm", columns=7)
+    assert code == 200 and body["downsampled"] is True and body["columns"] == 7
+    assert "max" in body["reduction"]
+    steps, _, values = read_run(logdir / "run_a").stat("grad_norm")
+    got = heatmap_values(body)
+    np.testing.assert_allclose(got, bucket_max(steps, values, body), rtol=LOG16_RTOL, equal_nan=True)
+    spike_column = next(c for c, end in enumerate(body["step_end"]) if end >= SPIKE[0])
+    assert got[SPIKE[1], spike_column] == pytest.approx(1e4, rel=LOG16_RTOL)
+    nan_column = next(c for c, end in enumerate(body["step_end"]) if end >= NAN[0])
+    assert np.isnan(got[NAN[1], nan_column])
+    # A single column still keeps both.
+    _, one = get(client, "/heatmap", run="run_a", stat="grad_norm", columns=1)
+    assert np.isnan(heatmap_values(one)[NAN[1], 0])
+    assert heatmap_values(one)[SPIKE[1], 0] == pytest.approx(1e4, rel=LOG16_RTOL)
+
+
+def test_undefined_update_ratio_does_not_win_a_bucket(client):
+    _, full = get(client, "/heatmap", run="run_a", stat="update_ratio", columns=STEPS)
+    assert np.isnan(heatmap_values(full)[1, 0])  # undefined at step 0 ...
+    _, body = get(client, "/heatmap", run="run_a", stat="update_ratio", columns=3)
+    assert heatmap_values(body)[1, 0] == pytest.approx(1e-3, rel=LOG16_RTOL)  # ... but not a spike
+
+
+def test_regions_are_keras_vg_detect_on_the_same_data(client, logdir):
+    run = read_run(logdir / "run_a")
+    expected = detect.classify({s: run.stat(s) for s in run.stats()})
+    _, body = get(client, "/heatmap", run="run_a", stat="grad_norm", columns=1000)
+    np.testing.assert_array_equal(heatmap_classes(body), expected.codes.T)
+    assert body["regions"] == list(detect.CLASS_NAMES)
+    assert heatmap_classes(body)[SPIKE[1], SPIKE[0]] == detect.EXPLODING
+    assert heatmap_classes(body)[0, 0] == detect.VANISHING
+    # Downsampled, the most serious class of a bucket wins.
+    _, small = get(client, "/heatmap", run="run_a", stat="grad_norm", columns=2)
+    assert heatmap_classes(small)[SPIKE[1], 0] == detect.EXPLODING
+    assert heatmap_classes(small)[NAN[1], 1] == detect.NONFINITE
+
+    code, answer = get(client, "/classification", run="run_a")
+    assert code == 200
+    episodes = detect.find_episodes(expected)
+    assert [e["message"] for e in answer["episodes"]] == [e.message for e in episodes]
+    assert {e["kind"] for e in answer["episodes"]} >= {"vanishing", "exploding", "nonfinite"}
+
+
+def test_series_equals_reader(client, logdir):
+    steps, names, values = read_run(logdir / "run_a").stat("grad_norm")
+    code, body = get(client, "/series", run="run_a", stat="grad_norm", name=names[NAN[1]])
+    assert code == 200 and body["downsampled"] is False and body["steps"] == steps.tolist()
+    got = [float(v) if not isinstance(v, str) else float(v.replace("Infinity", "inf")) for v in body["max"]]
+    np.testing.assert_array_equal(np.array(got, np.float32), values[:, NAN[1]])
+    assert body["max"][NAN[0]] == "NaN"
+    _, small = get(client, "/series", run="run_a", stat="grad_norm", name=names[SPIKE[1]], columns=4)
+    assert small["downsampled"] is True and max(small["max"]) == pytest.approx(1e4)
+    _, scalar = get(client, "/series", run="run_a", stat="global_grad_norm")
+    assert len(scalar["max"]) == STEPS
+
+
+def test_profile_at_a_step_and_over_a_bucket(client, logdir):
+    _, names, values = read_run(logdir / "run_a").stat("grad_norm")
+    code, body = get(client, "/profile", run="run_a", stat="grad_norm", step=5)
+    assert code == 200 and body["step"] == 5 and body["names"] == names
+    np.testing.assert_array_equal(np.array(body["values"], np.float32), values[5])
+    _, bucket = get(client, "/profile", run="run_a", stat="grad_norm", step=20, step_end=29)
+    assert (bucket["step"], bucket["step_end"]) == (20, 29)
+    assert bucket["values"][SPIKE[1]] == pytest.approx(1e4)
+    _, last = get(client, "/profile", run="run_a", stat="grad_norm")
+    assert last["step"] == STEPS - 1
+
+
+def test_events_route(client):
+    code, body = get(client, "/events", run="run_a")
+    assert code == 200
+    kinds = [(e["kind"], e["step"]) for e in body["events"]]
+    assert kinds == [("clip_on", 10), ("clip_off", 20), ("skip", 37)]
+
+
+def test_untrusted_names_come_back_as_plain_json_strings(client):
+    _, body = get(client, "/heatmap", run="run_xss", stat="grad_norm", columns=10)
+    assert body["names"][0] == XSS_NAME
+
+
+@pytest.mark.parametrize("route, params, needle", [
+    ("/heatmap", {"run": "nope", "stat": "grad_norm"}, "Unknown run"),
+    ("/heatmap", {"run": "run_a", "stat": "nope"}, "stat"),
+    ("/heatmap", {"run": "run_a", "stat": "global_grad_norm"}, "stat"),
+    ("/heatmap", {"run": "run_a", "stat": "dead_fraction"}, "no statistic"),
+    ("/heatmap", {"run": "run_a", "stat": "grad_norm", "columns": "abc"}, "integer"),
+    ("/heatmap", {"run": "run_a", "stat": "grad_norm", "columns": "0"}, "columns"),
+    ("/heatmap", {"run": "run_a", "stat": "grad_norm", "columns": "1e9"}, "integer"),
+    ("/heatmap", {"stat": "grad_norm"}, "run"),
+    ("/series", {"run": "run_a", "stat": "grad_norm", "name": "nope"}, "Unknown variable"),
+    ("/series", {"run": "run_a", "stat": "grad_norm", "name": "x", "columns": "-3"}, "columns"),
+    ("/profile", {"run": "run_a", "stat": "grad_norm", "step": "five"}, "integer"),
+    ("/events", {"run": "nope"}, "Unknown run"),
+    ("/classification", {"run": "nope"}, "Unknown run"),
+    ("/classification", {}, "run"),
+])
+def test_bad_parameters_get_a_json_400(client, route, params, needle):
+    response = client.get(PLUGIN + route, query_string=params)
+    text = response.get_data(as_text=True)
+    assert response.status_code == 400, text
+    assert response.headers["Content-Type"].startswith("application/json")
+    assert needle in json.loads(text)["error"]
+    assert "Traceback" not in text
+
+
+def test_json_has_sorted_keys_and_nosniff(client):
+    response = client.get(PLUGIN + "/heatmap", query_string={"run": "run_a", "stat": "grad_norm"})
+    text = response.get_data(as_text=True)
+    assert text == json.dumps(json.loads(text), sort_keys=True, separators=(",", ":"))
+    assert response.headers["X-Content-Type-Options"] == "nosniff"
+
+
+def test_retention_is_reported(tmp_path):
+    write_run(tmp_path / "run")
+    # TensorBoard's Python loader keeps 10 records per series unless told otherwise.
+    cut = make_client(tmp_path, keep_all=False)
+    _, body = get(cut, "/heatmap", run="run", stat="grad_norm")
+    assert body["retention"] == {
+        "hint": "--samples_per_plugin=keras_vg=0", "limit": 10, "may_be_cut": True, "points": 10,
+    }
+    _, events = get(cut, "/events", run="run")
+    assert events["retention"]["may_be_cut"] is False  # 3 records, below the limit
+    kept = make_client(tmp_path, sampling_hints={fmt.PLUGIN_NAME: 0})
+    _, body = get(kept, "/heatmap", run="run", stat="grad_norm")
+    assert body["retention"]["may_be_cut"] is False and body["num_steps"] == STEPS
+    # The Rust data server keeps 100 by default.
+    assert data_lib.Reader(object()).retention(100)["limit"] == 100
+
+
+TRAVERSALS = [
+    "../plugin.py", "..%2fplugin.py", "..%2Fplugin.py", "%2e%2e/plugin.py", "%2e%2e%2fplugin.py",
+    "..\\plugin.py", "..%5cplugin.py", "/etc/passwd", "%2fetc%2fpasswd", "../../../../etc/passwd",
+    "..%252fplugin.py", "....//plugin.py", "./index.js/../../plugin.py", "index.js%00.css",
+    "static/index.js", "./index.js", "index.js/", ".", "..", "", "%2e", "index.js?x=../plugin.py/..",
+    "../static/index.js", "..;/plugin.py", "%c0%ae%c0%ae/plugin.py", "~/.bashrc", "style.css/..",
+    "../__init__.py", "..%00/plugin.py", "INDEX.JS", "index.js ",
+]
+
+
+def test_static_files_and_traversal(client):
+    response = client.get(PLUGIN + "/static/index.js")
+    assert response.status_code == 200
+    assert response.headers["Content-Type"].startswith("text/javascript")
+    assert b"export async function render" in response.get_data()
+    assert client.get(PLUGIN + "/static/style.css").status_code == 200
+    for attempt in TRAVERSALS:
+        response = client.get(PLUGIN + "/static/" + attempt)
+        assert response.status_code == 404 or (
+            attempt.startswith("index.js?") and response.get_data().startswith(b"//")
+        ), attempt
+
+
+def test_plugin_entry_page_allows_only_same_origin_scripts(client):
+    response = client.get("/data/plugin_entry.html", query_string={"name": fmt.PLUGIN_NAME})
+    csp = dict(
+        part.strip().split(" ", 1) for part in response.headers["Content-Security-Policy"].split(";")
+    )
+    assert "'self'" in csp["script-src"] and "unsafe-inline" not in csp["script-src"]
+    assert "http" not in csp["script-src"]
+    assert "./plugin/keras_vg/static/index.js" in response.get_data(as_text=True) or \
+        "/static/index.js" in response.get_data(as_text=True)
+
+
+def test_static_page_never_parses_html_and_loads_nothing_remote():
+    static = os.path.join(os.path.dirname(__file__), "..", "tb_plugin", "static")
+    files = sorted(os.listdir(static))
+    assert files and not [f for f in files if not f.endswith((".js", ".css"))]  # no HTML, no inline script
+    for name in files:
+        with open(os.path.join(static, name), encoding="utf-8") as handle:
+            text = handle.read()
+        for forbidden in ("innerHTML", "outerHTML", "insertAdjacentHTML", "document.write", "eval(",
+                          "new Function", "http://", "https://", "//cdn"):
+            assert forbidden not in text, (name, forbidden)
+
+
+def test_entry_module_imports_nothing_heavy():
+    code = (
+        "import sys, tb_plugin.loader, tb_plugin.plugin\n"
+        "heavy = sorted(m for m in sys.modules if m.split('.')[0] in ('tensorflow', 'keras')"
+        " or m in ('keras_vg.monitor', 'keras_vg.tap', 'keras_vg.detect'))\n"
+        "print(heavy)\n"
+    )
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]))
+    output = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                            check=True, cwd=root).stdout
+    assert output.strip() == "[]"
+
+
+def test_entry_point_is_registered():
+    import importlib.metadata
+
+    points = [ep for ep in importlib.metadata.entry_points(group="tensorboard_plugins")
+              if ep.name == fmt.PLUGIN_NAME]
+    if not points and os.environ.get("CI") != "true":
+        pytest.skip("keras-vg is not installed (pip install -e .): no entry point to find")
+    assert len(points) == 1
+    loader = points[0].load()()
+    plugin = loader.load(base_plugin.TBContext(data_provider=None))
+    assert plugin.plugin_name == fmt.PLUGIN_NAME
+
+
+@pytest.mark.fit
+def test_serves_what_the_real_monitor_wrote(tmp_path):
+    import keras
+
+    from keras_vg.monitor import GradientMonitor
+
+    log_dir = tmp_path / "monitor_run"
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(64, 4)).astype("float32")
+    y = rng.normal(size=(64, 1)).astype("float32")
+    x[40:48] *= 1e3  # batch 5 of 8: a one-step gradient spike
+    model = keras.Sequential([
+        keras.Input((4,)), keras.layers.Dense(8, activation="relu"), keras.layers.Dense(1),
+    ])
+    model.compile(optimizer=keras.optimizers.SGD(1e-6), loss="mse")
+    model.fit(x, y, batch_size=8, epochs=1, shuffle=False, verbose=0,
+              callbacks=[GradientMonitor(log_dir, every=1, verbose=0)])
+
+    run = read_run(log_dir)
+    steps, names, values = run.stat("grad_norm")
+    client = make_client(tmp_path)
+    code, listing = get(client, "/runs")
+    assert code == 200 and [r["run"] for r in listing["runs"]] == ["monitor_run"]
+    _, body = get(client, "/heatmap", run="monitor_run", stat="grad_norm", columns=1000)
+    assert body["names"] == names and body["step_start"] == steps.tolist()
+    np.testing.assert_allclose(heatmap_values(body), values.T, rtol=LOG16_RTOL, equal_nan=True)
+    _, series = get(client, "/series", run="monitor_run", stat="grad_norm", name=names[0])
+    np.testing.assert_array_equal(np.array(series["max"], np.float32), values[:, 0])
+    # Downsampled to two columns, each keeps its bucket's max: the spike survives.
+    _, small = get(client, "/heatmap", run="monitor_run", stat="grad_norm", columns=2)
+    assert small["downsampled"] is True
+    np.testing.assert_allclose(heatmap_values(small), bucket_max(steps, values, small),
+                               rtol=LOG16_RTOL, equal_nan=True)
+    spike = np.unravel_index(np.nanargmax(values), values.shape)
+    assert np.nanmax(values) > 100 * np.nanmedian(values[:, spike[1]])  # it is a spike
+    assert np.nanmax(heatmap_values(small)[spike[1]]) == pytest.approx(values[spike], rel=LOG16_RTOL)
+    for stat in run.stats():
+        if stat in ("dead_fraction", "saturation_fraction", "update_ratio", "weight_norm"):
+            _, other = get(client, "/heatmap", run="monitor_run", stat=stat, columns=1000)
+            np.testing.assert_allclose(heatmap_values(other), run.stat(stat)[2].T,
+                                       rtol=LOG16_RTOL, equal_nan=True)
