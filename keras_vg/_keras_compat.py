@@ -52,38 +52,81 @@ def applying_optimizer(optimizer):
     return applying_optimizer(inner) if inner is not None else optimizer
 
 
-def hook_aggregated_gradients(optimizer, on_gradients):
-    """Calls `on_gradients(grads, variables)` with the replica-summed gradients.
+PRE_CLIP = 0
+"""Stage order of an observer that must see the gradient before any clipping."""
+CLIP = 10
+"""Stage order of a transform that clips the gradient."""
+POST_CLIP = 20
+"""Stage order of an observer of the gradient as it will be applied."""
+
+
+class AggregatedGradientStages:
+    """Ordered stages run on the replica-summed gradients of one optimizer.
+
+    One wrapper of `_all_reduce_sum_gradients` per optimizer runs every
+    registered stage in `order`, whatever order the callbacks that registered
+    them were created in: a monitor at `PRE_CLIP` sees what a clipping policy
+    at `CLIP` receives.
+    """
+
+    def __init__(self, optimizer, original):
+        self.optimizer = optimizer
+        self.original = original
+        self._stages = []  # (order, serial, stage)
+        self._serial = 0
+        self.hook = self._run  # one bound method, so that removal can recognise it
+
+    def add(self, stage, order):
+        """Registers `stage(grads, variables)`, which returns new grads or None (unchanged).
+
+        Returns:
+            A function that removes the stage (and the wrapper with the last one).
+        """
+        self._serial += 1
+        entry = (order, self._serial, stage)
+        self._stages.append(entry)
+        self._stages.sort(key=lambda e: e[:2])
+
+        def remove():
+            if entry in self._stages:
+                self._stages.remove(entry)
+            if not self._stages and self.optimizer.__dict__.get("_all_reduce_sum_gradients") is self.hook:
+                del self.optimizer._all_reduce_sum_gradients
+                del self.optimizer._keras_vg_stages
+
+        return remove
+
+    def _run(self, grads_and_vars):
+        pairs = list(self.original(grads_and_vars))
+        grads, variables = [g for g, _ in pairs], [v for _, v in pairs]
+        for _, _, stage in list(self._stages):
+            changed = stage(grads, variables)
+            if changed is not None:
+                grads = list(changed)
+        return list(zip(grads, variables))
+
+
+def aggregated_gradient_stages(optimizer):
+    """Returns the `AggregatedGradientStages` of an optimizer, installing its hook once.
 
     Args:
-        optimizer: A Keras TensorFlow-backend optimizer (already unwrapped).
-        on_gradients: Called at trace time, in replica context, with the
-            list of gradients after the cross-replica sum and the list of
-            variables they belong to.
+        optimizer: A Keras TensorFlow-backend optimizer (already unwrapped,
+            see `applying_optimizer`).
 
     Returns:
-        A function that removes the hook, or None when the hook cannot be
-        installed on this Keras version (the caller must then reduce the
-        gradients itself).
+        The stages object, or None when the hook cannot be installed on this
+        Keras version (the caller must then fall back to public APIs).
     """
+    stages = optimizer.__dict__.get("_keras_vg_stages")
+    if stages is not None:
+        return stages
     if not keras_version_is_tested():
         _warn_untested_once()
         return None
     original = getattr(optimizer, "_all_reduce_sum_gradients", None)
     if original is None:
         return None
-
-    @functools.wraps(original)
-    def all_reduce_then_observe(grads_and_vars):
-        reduced = original(grads_and_vars)
-        pairs = [(g, v) for g, v in reduced]
-        on_gradients([g for g, _ in pairs], [v for _, v in pairs])
-        return reduced
-
-    optimizer._all_reduce_sum_gradients = all_reduce_then_observe
-
-    def remove():
-        if optimizer.__dict__.get("_all_reduce_sum_gradients") is all_reduce_then_observe:
-            del optimizer._all_reduce_sum_gradients
-
-    return remove
+    stages = AggregatedGradientStages(optimizer, original)
+    optimizer._keras_vg_stages = stages
+    optimizer._all_reduce_sum_gradients = stages.hook
+    return stages

@@ -231,14 +231,13 @@ class Tap:
             self.model.distribute_strategy.num_replicas_in_sync > 1
             and any(s in self.stats_to_record for s in fmt.GRADIENT_STATS)
         )
+        self._gradient_hook_installed = False
         if self._needs_gradient_hook:
-            remove = _keras_compat.hook_aggregated_gradients(self.optimizer, self._observe_aggregated)
-            if remove is not None:
-                self._undo.append(remove)
+            stages = _keras_compat.aggregated_gradient_stages(self.optimizer)
+            if stages is not None:
+                self._undo.append(stages.add(self._observe_aggregated, _keras_compat.PRE_CLIP))
                 self._needs_gradient_hook = False
                 self._gradient_hook_installed = True
-                return
-        self._gradient_hook_installed = False
 
     def _wrap_instance_method(self, obj, attribute, make_wrapper):
         original = getattr(obj, attribute)
