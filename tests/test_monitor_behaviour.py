@@ -264,3 +264,19 @@ def test_sigkill_mid_run_keeps_everything_up_to_the_last_flush(tmp_path):
     steps = keras_vg.read_run(tmp_path / "run").stat("grad_norm")[0]
     assert steps.max() >= must_have
     np.testing.assert_array_equal(steps, np.arange(len(steps)))
+
+
+def test_close_removes_every_wrapper_and_the_traced_function(tmp_path):
+    x, y = classification_data(128)
+    model = deep_mlp("relu", "he_normal", depth=2)
+    monitor = keras_vg.GradientMonitor(tmp_path, verbose=0)
+    model.fit(x, y, batch_size=32, epochs=1, verbose=0, callbacks=[monitor])
+    traced = model.train_function
+    wrapped_layers = [layer for layer in model.layers if "call" in layer.__dict__]
+    assert "apply" in model.optimizer.__dict__ and "train_step" in model.__dict__ and wrapped_layers
+    monitor.close()
+    monitor.close()  # harmless twice
+    assert "apply" not in model.optimizer.__dict__ and "train_step" not in model.__dict__
+    assert not [layer for layer in model.layers if "call" in layer.__dict__]
+    assert model.train_function is not traced
+    model.fit(x, y, batch_size=32, epochs=1, verbose=0)  # runs as plain Keras
