@@ -13,8 +13,8 @@ $(BIN)/.installed: pyproject.toml
 	$(BIN)/pip install -q -e '.[dev]'
 	touch $@
 
-## make test: run the whole test suite (browser tests need Debian's chromium).
-test: $(BIN)/.installed
+## make test: lint, then run the whole test suite (browser tests need Debian's chromium).
+test: lint
 	$(BIN)/python -m pytest -q
 
 ## make demo: train the examples with the monitor, then serve TensorBoard on 127.0.0.1.
