@@ -222,11 +222,18 @@ class GradientMonitor(keras.callbacks.Callback):
     def _read_and_write(self):
         self._pending = 0
         self._last_read = time.monotonic()
-        for step, values in self.tap.read_new():
-            self._write_record(step, values)
+        records = self.tap.read_new()
+        if not records:
+            return
+        names = {name: self.tap.names_for(name) for name in self.stats if name in records[0][1]}
+        for step, values in records:
+            self._write_record(step, values, names)
+        # One vectorised pass of the rules over the whole batch of records.
+        steps = np.array([step for step, _ in records])
+        stacked = {name: np.stack([values[name] for _, values in records]) for name in names}
+        self._report(self._detector.observe_many(steps, stacked, names))
 
-    def _write_record(self, step, values):
-        names = {name: self.tap.names_for(name) for name in self.stats if name in values}
+    def _write_record(self, step, values, names):
         record = {
             name: (values[name], names[name]) for name in names
             if fmt.axis_of(name) == fmt.AXIS_SCALAR or names[name]
@@ -235,13 +242,14 @@ class GradientMonitor(keras.callbacks.Callback):
         if "global_grad_norm" in values:
             scalars[fmt.SCALARS_GLOBAL_NORM_TAG] = values["global_grad_norm"]
         self._writer.write_record(step, record, scalars)
-        episodes = self._detector.observe(step, values, names)
-        if episodes:
-            events = [{"kind": "alert", "step": step, "message": e.message} for e in episodes]
-            self._writer.write_json(fmt.EVENTS_NAME, step, events)
+
+    def _report(self, episodes):
+        """Writes an alert event at the step each new episode starts, and warns once about it."""
+        for episode in episodes:
+            event = {"kind": "alert", "step": episode.first_step, "message": episode.message}
+            self._writer.write_json(fmt.EVENTS_NAME, episode.first_step, [event])
             if self.verbose:
-                for event in events:
-                    print(f"keras-vg warning: {event['message']}", file=sys.stderr)
+                print(f"keras-vg warning: {episode.message}", file=sys.stderr)
 
     def _no_apply_fallback(self):
         self._fail_softly(
