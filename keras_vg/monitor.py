@@ -79,6 +79,12 @@ class GradientMonitor(keras.callbacks.Callback):
             raise ValueError(
                 f"`saturation_epsilon` must be in (0, 0.5). Received: saturation_epsilon={saturation_epsilon!r}"
             )
+        from keras_vg.detect import Thresholds
+
+        if thresholds is not None and not isinstance(thresholds, Thresholds):
+            raise ValueError(
+                f"`thresholds` must be a keras_vg.detect.Thresholds or None. Received: thresholds={thresholds!r}"
+            )
         if verbose not in (0, 1):
             raise ValueError(f"`verbose` must be 0 or 1. Received: verbose={verbose!r}")
         if not flush_secs > 0:

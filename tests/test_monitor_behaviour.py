@@ -42,6 +42,7 @@ def classification_data(n=512):
     ({"stats": "grad_norm"}, "not a string"),
     ({"saturation_epsilon": 0.7}, "saturation_epsilon"),
     ({"verbose": 3}, "`verbose` must be 0 or 1"),
+    ({"thresholds": {"vanishing_ratio": 1e-4}}, "`thresholds` must be a keras_vg.detect.Thresholds"),
 ])
 def test_bad_arguments_fail_at_construction(tmp_path, kwargs, match):
     with pytest.raises(ValueError, match=match):
