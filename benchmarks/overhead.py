@@ -129,7 +129,7 @@ def run_model(name, rounds, batches):
     base_min, base_median = min(times["plain"]), statistics.median(times["plain"])
     print(f"\n{name}: batch {batch}, {batches} batches/round, {rounds} rounds "
           f"(plain: fastest {base_min / (batches - 2) * 1e3:.1f} ms/step)")
-    print(f"| arm | fastest round ratio | median round ratio |\n|---|---|---|")
+    print("| arm | fastest round ratio | median round ratio |\n|---|---|---|")
     for arm, values in times.items():
         if arm == "plain":
             continue

@@ -11,7 +11,6 @@ Private names used here, and why:
   communication.
 """
 
-import functools
 import warnings
 
 import keras

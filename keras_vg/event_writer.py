@@ -14,7 +14,6 @@ import numpy as np
 
 from keras_vg import format as fmt
 
-
 _open_writers = weakref.WeakSet()
 
 

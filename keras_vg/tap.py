@@ -20,9 +20,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from keras_vg import _keras_compat
+from keras_vg import _keras_compat, stats
 from keras_vg import format as fmt
-from keras_vg import stats
 
 RELU_FAMILY = frozenset({"relu", "relu6", "leaky_relu", "elu", "selu", "prelu"})
 SATURATING = {"sigmoid": "sigmoid", "hard_sigmoid": "sigmoid", "tanh": "tanh", "hard_tanh": "tanh"}
