@@ -150,7 +150,6 @@ class Tap:
             self._index[id(getattr(variable, "value", variable))] = i
         self.dead_layers, self.saturation_layers = self._find_activation_layers()
         self.trace_count = 0
-        self.gradient_trace_count = 0
         self._in_train_step = 0
         self._undo = []
         self._read_function = None
@@ -226,17 +225,18 @@ class Tap:
             self._wrap_instance_method(layer, "call", self._dead_call(i, axis))
         for i, (layer, kind) in enumerate(self.saturation_layers):
             self._wrap_instance_method(layer, "call", self._saturation_call(i, kind))
-        self._needs_gradient_hook = (
-            self.model.distribute_strategy.num_replicas_in_sync > 1
-            and any(s in self.stats_to_record for s in fmt.GRADIENT_STATS)
-        )
-        self._gradient_hook_installed = False
-        if self._needs_gradient_hook:
+        # Where gradient statistics are taken: in `apply` on one replica (before any
+        # Keras clipping); under a strategy, from the replica-summed gradient, through the
+        # private hook or, where it is unavailable, an all-reduce of our own.
+        self._gradients_in_apply = any(s in self.stats_to_record for s in fmt.GRADIENT_STATS)
+        self._all_reduce_in_apply = False
+        if self._gradients_in_apply and self.model.distribute_strategy.num_replicas_in_sync > 1:
             stages = _keras_compat.aggregated_gradient_stages(self.optimizer)
             if stages is not None:
                 self._undo.append(stages.add(self._observe_aggregated, _keras_compat.PRE_CLIP))
-                self._needs_gradient_hook = False
-                self._gradient_hook_installed = True
+                self._gradients_in_apply = False
+            else:
+                self._all_reduce_in_apply = True
 
     def _wrap_instance_method(self, obj, attribute, make_wrapper):
         original = getattr(obj, attribute)
@@ -316,7 +316,6 @@ class Tap:
         count that must not miss a step; norms and maxima are computed on
         record steps only.
         """
-        self.gradient_trace_count += 1
         present = [(g, p) for g, p in zip(grads, self._positions(variables)) if g is not None and p is not None]
         if not present:
             return
@@ -350,15 +349,15 @@ class Tap:
             grads = list(grads)
             with tf.name_scope("keras_vg"):
                 step, is_record = self._step()
-                if not self._gradient_hook_installed:
+                if self._gradients_in_apply:
                     self._observe_local_gradients(grads, variables)
 
-            def apply_and_record():
+            def apply_and_record(on_record_step_only):
                 with tf.name_scope("keras_vg"):
                     before = [tf.identity(_value(v)) for v in variables]
                 original(grads, trainable_variables)
                 with tf.name_scope("keras_vg"):
-                    self._record_update(variables, before, step)
+                    on_record_step_only(lambda: self._record_update(variables, before, step))
                 return tf.constant(True)
 
             def apply_only():
@@ -369,9 +368,9 @@ class Tap:
                 original(grads, trainable_variables)
             elif self._can_branch_around_apply():
                 # Only record steps copy the weights for the update ratio.
-                tf.cond(is_record, apply_and_record, apply_only)
+                tf.cond(is_record, lambda: apply_and_record(lambda record: record()), apply_only)
             else:
-                apply_and_record()
+                apply_and_record(lambda record: _on_record_steps(is_record, record))
             with tf.name_scope("keras_vg"):
                 _on_record_steps(is_record, lambda: self._close_windows(step))
 
@@ -387,7 +386,7 @@ class Tap:
         scale = getattr(self.optimizer, "loss_scale_factor", None)
         if scale is not None:
             grads = [g if g is None else g / scale for g in grads]
-        if self._needs_gradient_hook:
+        if self._all_reduce_in_apply:
             # Fallback when the private hook is unavailable: one extra all-reduce.
             context = tf.distribute.get_replica_context()
             present = [i for i, g in enumerate(grads) if g is not None]
@@ -402,17 +401,13 @@ class Tap:
         if not present:
             return
         positions = tf.constant([[p] for _, _, p in present], tf.int32)
-
-        def record():
-            after = [tf.identity(_value(v)) for v, _, _ in present]
-            weight_norms, ratios = stats.update_ratios([b for _, b, _ in present], after)
-            n, slot = len(self.variables), self._slot(step)
-            _write_row(self.buffers["weight_norm"], tf.scatter_nd(positions, weight_norms, [n]), slot)
-            # Variables with no update this step read NaN (undefined), not 0.
-            ratio_row = tf.tensor_scatter_nd_update(tf.fill([n], float("nan")), positions, ratios)
-            _write_row(self.buffers["update_ratio"], ratio_row, slot)
-
-        _on_record_steps(tf.equal(step % self.every, 0), record)
+        after = [tf.identity(_value(v)) for v, _, _ in present]
+        weight_norms, ratios = stats.update_ratios([b for _, b, _ in present], after)
+        n, slot = len(self.variables), self._slot(step)
+        _write_row(self.buffers["weight_norm"], tf.scatter_nd(positions, weight_norms, [n]), slot)
+        # Variables with no update this step read NaN (undefined), not 0.
+        ratio_row = tf.tensor_scatter_nd_update(tf.fill([n], float("nan")), positions, ratios)
+        _write_row(self.buffers["update_ratio"], ratio_row, slot)
 
     def _close_windows(self, step):
         slot = self._slot(step)
