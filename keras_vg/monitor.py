@@ -149,11 +149,14 @@ class GradientMonitor(keras.callbacks.Callback):
         if self.tap is not None and not self._failed:
             self._guard(self._read_and_write)
         if self._writer is not None:
-            self._writer.close()
+            self._guard(self._writer.close)
         if self.verbose and self._detector is not None:
-            summary = self._detector.summary()
-            if summary:
-                print(f"keras-vg summary ({self.log_dir}):\n{summary}", file=sys.stderr)
+            self._guard(self._print_summary)
+
+    def _print_summary(self):
+        summary = self._detector.summary()
+        if summary:
+            print(f"keras-vg summary ({self.log_dir}):\n{summary}", file=sys.stderr)
 
     # Work ------------------------------------------------------------------------
 
