@@ -7,7 +7,7 @@ fastest and median round as a ratio to plain `fit`, beside an A/A row (plain
 against plain) that shows the noise floor of the machine.
 
 Usage:
-    python benchmarks/overhead.py                 # all models, 9 rounds
+    python -u benchmarks/overhead.py              # all models, 9 rounds
     python benchmarks/overhead.py --models mlp --rounds 7 --batches 40
 """
 
@@ -36,12 +36,12 @@ def sigmoid_mlp():
 
 def small_cnn():
     model = keras.Sequential([
-        keras.Input((32, 32, 3)),
+        keras.Input((16, 16, 3)),
+        keras.layers.Conv2D(16, 3, padding="same"), keras.layers.BatchNormalization(), keras.layers.ReLU(),
         keras.layers.Conv2D(32, 3, padding="same"), keras.layers.BatchNormalization(), keras.layers.ReLU(),
-        keras.layers.Conv2D(64, 3, padding="same"), keras.layers.BatchNormalization(), keras.layers.ReLU(),
         keras.layers.MaxPooling2D(), keras.layers.Flatten(), keras.layers.Dense(10),
     ])
-    return model, np.random.rand(64 * 64, 32, 32, 3).astype("float32"), 64
+    return model, np.random.rand(64 * 64, 16, 16, 3).astype("float32"), 64
 
 
 def small_transformer():

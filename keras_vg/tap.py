@@ -152,7 +152,6 @@ class Tap:
         self.trace_count = 0
         self._in_train_step = 0
         self._undo = []
-        self._read_function = None
         self.last_read_step = -1
 
     # Set-up -----------------------------------------------------------------
@@ -427,13 +426,11 @@ class Tap:
             statistic name to a numpy vector (or float for
             `global_grad_norm`).
         """
-        if self._read_function is None:
-            keys = list(self.buffers.variables)
-            variables = [self.buffers[k] for k in keys]
-            function = tf.function(lambda: [tf.identity(v) for v in variables])
-            self._read_function = (keys, function)
-        keys, function = self._read_function
-        arrays = dict(zip(keys, (t.numpy() for t in function())))
+        # Plain reads, not a tf.function: once per batch of records, and a SyncOnRead
+        # variable read from the host is aggregated over replicas as it should be.
+        arrays = {
+            key: variable.numpy() for key, variable in self.buffers.variables.items() if not key.endswith("/acc")
+        }
         records = []
         for row in np.argsort(arrays["steps"]):
             step = int(arrays["steps"][row])
