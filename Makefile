@@ -17,9 +17,13 @@ $(BIN)/.installed: pyproject.toml
 test: lint
 	$(BIN)/python -m pytest -q
 
-## make demo: train the examples with the monitor, then serve TensorBoard on 127.0.0.1.
+## make demo: train the examples with the monitor, print a report, then serve TensorBoard on 127.0.0.1.
 demo: $(BIN)/.installed
 	$(BIN)/python examples/quickstart.py --log-dir $(LOGDIR)/quickstart
+	$(BIN)/python examples/vanishing_mlp.py --log-dir $(LOGDIR)/vanishing
+	$(BIN)/python examples/dying_relu.py --log-dir $(LOGDIR)/dying_relu
+	$(BIN)/python examples/exploding_rnn.py --log-dir $(LOGDIR)/exploding_rnn
+	$(BIN)/keras-vg report $(LOGDIR)/quickstart
 	@echo "TensorBoard: http://127.0.0.1:$(PORT)/#keras_vg"
 	$(BIN)/tensorboard --logdir $(LOGDIR) --host 127.0.0.1 --port $(PORT) --samples_per_plugin=keras_vg=0
 

@@ -113,6 +113,18 @@ class Run:
         records = self._json.get(fmt.MODEL_NAME, [])
         return records[-1][1] if records else None
 
+    def diagnose(self, thresholds=None):
+        """Returns the findings in plain words, with remedies; see `keras_vg.diagnosis.diagnose`."""
+        from keras_vg.diagnosis import diagnose
+
+        return diagnose(self, thresholds)
+
+    def plot(self, stat="grad_norm", path=None, ax=None, thresholds=None):
+        """Draws the layers x steps heatmap (matplotlib); see `keras_vg.plot.plot_run`."""
+        from keras_vg.plot import plot_run
+
+        return plot_run(self, stat=stat, path=path, ax=ax, thresholds=thresholds)
+
 
 def read_run(log_dir):
     """Reads all keras-vg records of one run directory.

@@ -1,0 +1,550 @@
+"""The diagnosis: what `detect` found, in plain words, with remedies for this model.
+
+The findings are `keras_vg.detect`'s episodes, unchanged: this module adds no
+rule of its own. It maps their variables to layers through the model summary
+that `GradientMonitor` writes (`keras_vg.model_summary`), names the layers'
+activations and initialisers, and picks the remedies that fit the model: no
+BatchNormalization advice for a model that has it, LSTM/GRU for a SimpleRNN,
+clipping for exploding gradients, He initialisation with ReLU-family
+activations. TensorFlow-free, like the reader.
+
+Example:
+
+>>> from keras_vg.reader import read_run              # doctest: +SKIP
+>>> diagnosis = diagnose(read_run("logs/run1"))       # doctest: +SKIP
+>>> print(diagnosis)                                  # doctest: +SKIP
+>>> [f.kind for f in diagnosis.findings]              # doctest: +SKIP
+['vanishing', 'stalled']
+"""
+
+import dataclasses
+import re
+
+import numpy as np
+
+from keras_vg import detect
+
+SATURATING = frozenset({"sigmoid", "hard_sigmoid", "tanh", "hard_tanh"})
+RELU_FAMILY = frozenset({"relu", "relu6", "leaky_relu", "elu", "selu", "prelu", "silu", "swish", "gelu"})
+# Initialisers that scale with fan-in/fan-out; anything else (RandomNormal with
+# a fixed stddev, Zeros, ...) is a likely cause of vanishing or exploding.
+SCALED_INITS = frozenset({"GlorotUniform", "GlorotNormal", "HeUniform", "HeNormal", "LecunUniform",
+                          "LecunNormal", "Orthogonal", "VarianceScaling"})
+HE_INITS = frozenset({"HeUniform", "HeNormal"})
+CLIP_EVENT_KINDS = ("clip_on", "clip_off", "skip")
+
+_TITLES = {
+    "nonfinite": "Non-finite gradients",
+    "exploding": "Exploding gradients",
+    "vanishing": "Vanishing gradients",
+    "dead": "Dead units",
+    "saturated": "Saturated activations",
+    "stalled": "Stalled updates",
+}
+
+_VERBS = {
+    "vanishing": "gradients vanish",
+    "exploding": "gradients explode",
+    "nonfinite": "gradients are NaN or infinite",
+    "dead": "ReLU units are dead (they never fire)",
+    "saturated": "activations saturate at their asymptotes",
+    "stalled": "weights barely change",
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Remedy:
+    """One remedy: a stable `key` for code and a `text` for people.
+
+    Keys: `gating`, `relu_he`, `he_init`, `scaled_init`, `batch_norm`,
+    `residual`, `fewer_layers`, `clipping`, `lower_lr`, `leaky`,
+    `check_data`, `scale_inputs`, `adaptive_optimizer`, `output_layer`.
+    """
+
+    key: str
+    text: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Finding:
+    """One episode of `keras_vg.detect`, mapped to layers, with remedies.
+
+    Attributes:
+        kind: One of `detect.KINDS`: `nonfinite`, `exploding`, `vanishing`,
+            `dead`, `saturated`, `stalled`.
+        scope: `"variable"`, `"layer"` or `"global"` (the global norm).
+        layers: The layers concerned, in model order (empty for `global`).
+        first_step: The first recorded step of the episode.
+        last_step: Its last recorded step.
+        ongoing: True when the episode lasts to the run's last record.
+        rule: The `detect` rule behind `figure` (`detect.RULE_NAMES`).
+        figure: The worst value that rule measured.
+        threshold: The threshold it was compared with.
+        activations: The concerned layers' activations (e.g. `("sigmoid",)`).
+        initializers: Their kernel initialisers, snake_case
+            (e.g. `("glorot_uniform",)`).
+        first_last_ratio: For `vanishing`: the median, over the episode's
+            steps, of the first kernel's grad norm over the last kernel's;
+            None otherwise.
+        remedies: `Remedy` tuple, the most fitting first.
+        episode: The `detect.Episode` itself (variable names and message).
+        message: The finding in plain words, remedies included.
+    """
+
+    kind: str
+    scope: str
+    layers: tuple
+    first_step: int
+    last_step: int
+    ongoing: bool
+    rule: str
+    figure: float
+    threshold: float
+    activations: tuple
+    initializers: tuple
+    first_last_ratio: float | None
+    remedies: tuple
+    episode: detect.Episode
+    message: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Diagnosis:
+    """What `diagnose` returns. `str(diagnosis)` is the report `keras-vg report` prints.
+
+    Attributes:
+        log_dir: The run directory.
+        model: The model summary (`keras_vg.model_summary`), or None when the
+            run has none; remedies are then generic.
+        first_step: The first recorded step (None if nothing was recorded).
+        last_step: The last recorded step.
+        first_last_ratio: Median over the run of the first kernel's grad
+            norm over the last kernel's (None without `grad_norm`).
+        findings: `Finding` tuple, by first step, most serious kind first.
+        clipping: Clipping events (`clip_on`, `clip_off`, `skip`) recorded
+            by `keras_vg.AutoClip`, as dicts from `Run.events()`.
+        thresholds: The `detect.Thresholds` used.
+    """
+
+    log_dir: str
+    model: dict | None
+    first_step: int | None
+    last_step: int | None
+    first_last_ratio: float | None
+    findings: tuple
+    clipping: tuple
+    thresholds: detect.Thresholds
+
+    @property
+    def kinds(self):
+        """The set of finding kinds present, e.g. `{"vanishing", "stalled"}`."""
+        return {finding.kind for finding in self.findings}
+
+    @property
+    def healthy(self):
+        """True when there are no findings."""
+        return not self.findings
+
+    def text(self, max_findings=20):
+        """The report as text; at most `max_findings` findings are spelled out."""
+        lines = [f"keras-vg report for {self.log_dir}"]
+        overview = _model_line(self.model)
+        if self.first_step is not None:
+            overview += f"; recorded steps {self.first_step}-{self.last_step}"
+        if self.first_last_ratio is not None:
+            overview += f"; first/last gradient-norm ratio {self.first_last_ratio:.2g}"
+        lines.append(overview + ".")
+        if self.model is None:
+            lines.append("This run has no model summary: the remedies below are generic.")
+        lines.extend(_clipping_lines(self.clipping))
+        if not self.findings:
+            lines.append("")
+            lines.append("No findings: no vanishing, exploding or non-finite gradients, dead or saturated "
+                         "units, or stalled layers (rules and thresholds: docs/DETECTION.md).")
+        printed = set()
+        for finding in self.findings[:max_findings]:
+            lines.append("")
+            message = finding.message
+            if finding.remedies and finding.remedies in printed:  # repeated episodes: say them once
+                message = message.rsplit("\n", 1)[0] + "\n  Remedies: as above."
+            printed.add(finding.remedies)
+            lines.append(message)
+        if len(self.findings) > max_findings:
+            lines.append("")
+            lines.append(f"... and {len(self.findings) - max_findings} more findings "
+                         "(Run.diagnose().findings has them all).")
+        return "\n".join(lines)
+
+    def __str__(self):
+        return self.text()
+
+
+def diagnose(run, thresholds=None):
+    """Diagnoses a run: `detect`'s episodes mapped to layers, with remedies.
+
+    Args:
+        run: A `keras_vg.reader.Run`.
+        thresholds: A `keras_vg.detect.Thresholds`, or None for the
+            defaults. Defaults to `None`.
+
+    Returns:
+        A `Diagnosis`.
+
+    Example:
+
+    >>> diagnosis = diagnose(read_run("logs/run1"))        # doctest: +SKIP
+    >>> "vanishing" in diagnosis.kinds                      # doctest: +SKIP
+    True
+    >>> diagnosis.findings[0].remedies[0].key               # doctest: +SKIP
+    'relu_he'
+    """
+    classification = detect.classify(run, thresholds)
+    episodes = detect.find_episodes(classification)
+    summary = run.model()
+    layers = _Layers(summary)
+    norm = run.stat("grad_norm") if "grad_norm" in run.stats() else None
+    clipping = tuple(e for e in run.events() if e.get("kind") in CLIP_EVENT_KINDS)
+    all_steps = [g.steps for g in (classification.variables, classification.layers, classification.global_norm)
+                 if len(g.steps)]
+    steps = np.unique(np.concatenate(all_steps)) if all_steps else np.zeros(0, np.int64)
+    # Stalled updates in layers whose gradients vanish are a consequence, not a second problem.
+    vanishing = {name for e in episodes if e.kind == "vanishing" for name in layers.names_of(e.names, e.scope)}
+    findings = []
+    for episode in episodes:
+        grid = {"layer": classification.layers, "global": classification.global_norm}.get(
+            episode.scope, classification.variables)
+        findings.append(_finding(episode, grid, layers, norm, clipping, summary, vanishing))
+    return Diagnosis(
+        log_dir=run.log_dir,
+        model=summary,
+        first_step=int(steps[0]) if len(steps) else None,
+        last_step=int(steps[-1]) if len(steps) else None,
+        first_last_ratio=first_last_ratio(norm),
+        findings=tuple(findings),
+        clipping=clipping,
+        thresholds=classification.thresholds,
+    )
+
+
+def first_last_ratio(grad_norm, first_step=None, last_step=None):
+    """Median ratio of the first kernel's gradient norm to the last kernel's.
+
+    The first and last variables named `.../kernel` stand for the input and
+    output layers (all variables, if fewer than two kernels). Much below 1:
+    the lower layers get far smaller gradients than the upper ones.
+
+    Args:
+        grad_norm: `(steps, names, values)` as `Run.stat("grad_norm")`
+            returns it, or None.
+        first_step: Only steps from this one on. Defaults to `None` (all).
+        last_step: Only steps up to this one. Defaults to `None` (all).
+
+    Returns:
+        A float, or None when there is nothing to compare.
+    """
+    if grad_norm is None:
+        return None
+    steps, names, values = grad_norm
+    kernels = [i for i, name in enumerate(names) if name.rsplit("/", 1)[-1] == "kernel"]
+    if len(kernels) < 2:
+        kernels = list(range(len(names)))
+    if len(kernels) < 2 or not len(steps):
+        return None
+    keep = np.ones(len(steps), bool)
+    if first_step is not None:
+        keep &= steps >= first_step
+    if last_step is not None:
+        keep &= steps <= last_step
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratio = values[keep, kernels[0]] / values[keep, kernels[-1]]
+    ratio = ratio[np.isfinite(ratio)]
+    return float(np.median(ratio)) if ratio.size else None
+
+
+# ---------------------------------------------------------------------------
+# Layers: what the model summary says about the layers an episode concerns.
+
+
+class _Layers:
+    """Looks up layers by variable path or layer name in the model summary."""
+
+    def __init__(self, summary):
+        entries = (summary or {}).get("layers", [])
+        self.entries = {entry["name"]: entry for entry in entries}
+        self.order = {entry["name"]: i for i, entry in enumerate(entries)}
+        self.of_variable = {path: entry["name"] for entry in entries for path in entry.get("variables", [])}
+
+    def name_of(self, name, scope):
+        if scope == "layer":
+            return name
+        if name in self.of_variable:
+            return self.of_variable[name]
+        # No summary (or a variable it does not list): the layer is the path's parent.
+        parts = name.split("/")
+        return parts[-2] if len(parts) > 1 else name
+
+    def names_of(self, names, scope):
+        out = []
+        for name in names:
+            layer = self.name_of(name, scope)
+            if layer not in out:
+                out.append(layer)
+        return out
+
+    def describe(self, layer_names):
+        """`(activations, initializers)`: the distinct ones among these layers, in order."""
+        activations, initializers = [], []
+        for name in layer_names:
+            entry = self.entries.get(name, {})
+            activation, init = entry.get("activation"), entry.get("kernel_initializer")
+            if activation and activation != "linear" and activation not in activations:
+                activations.append(activation)
+            if init and _snake(init) not in initializers:
+                initializers.append(_snake(init))
+        return tuple(activations), tuple(initializers)
+
+
+def _snake(class_name):
+    """`GlorotUniform` -> `glorot_uniform`, the string Keras accepts for it."""
+    return re.sub(r"(?<!^)(?=[A-Z])", "_", class_name).lower()
+
+
+def _layer_range(layers, candidates):
+    """`dense..dense_5` when the layers are a run of `candidates`, else a short list."""
+    if not layers:
+        return "the global gradient norm"
+    if len(layers) == 1:
+        return f"layer {layers[0]}"
+    index = [candidates.index(name) for name in layers if name in candidates]
+    if len(index) == len(layers) and index == list(range(index[0], index[0] + len(index))):
+        return f"{len(layers)} layers {layers[0]}..{layers[-1]}"
+    if len(layers) <= 6:
+        return "layers " + ", ".join(layers)
+    return f"{len(layers)} layers {', '.join(layers[:3])}, ..., {layers[-1]}"
+
+
+def _when(finding_first, finding_last, ongoing):
+    if ongoing and finding_first != finding_last:
+        return f"from step {finding_first} on"
+    if finding_first == finding_last:
+        return f"at step {finding_first}"
+    return f"at steps {finding_first}-{finding_last}"
+
+
+def _finding(episode, grid, layers, norm, clipping, summary, vanishing):
+    candidates = layers.names_of(grid.names, episode.scope) if episode.scope != "global" else []
+    concerned = tuple(layers.names_of(episode.names, episode.scope)) if episode.scope != "global" else ()
+    activations, initializers = layers.describe(concerned)
+    ongoing = bool(len(grid.steps)) and episode.last_step == int(grid.steps[-1])
+    ratio = None
+    if episode.kind == "vanishing":
+        ratio = first_last_ratio(norm, episode.first_step, episode.last_step)
+    remedies = remedies_for(episode.kind, concerned, summary, clipping=bool(clipping))
+    consequence = episode.kind == "stalled" and concerned and set(concerned) <= vanishing
+    if consequence:  # the vanishing finding lists the shared remedies; keep only the extra ones
+        shared = {r.key for r in remedies_for("vanishing", concerned, summary)}
+        remedies = [r for r in remedies if r.key not in shared]
+    remedies = tuple(remedies)
+
+    verb = _VERBS[episode.kind]
+    if episode.kind == "stalled" and episode.rule == "below_resolution":
+        verb = "updates are lost to float32 rounding"
+    if episode.scope == "global":
+        verb = {"exploding": "explodes", "nonfinite": "is NaN or infinite"}.get(episode.kind, verb)
+    where = _layer_range(list(concerned), candidates)
+    described = ", ".join(activations + initializers)
+    headline = f"{where}{f' ({described})' if described else ''}: {verb} " \
+               f"{_when(episode.first_step, episode.last_step, ongoing)}"
+    if ratio is not None:
+        headline += f"; first/last norm ratio {ratio:.2g}"
+    if consequence:
+        headline += ", a consequence of the vanishing gradients there"
+    # detect's message is "<Title> in <where>, <when>: <measured figure and threshold>."; the
+    # part after the first ": " is the measurement, worded as the monitor's warnings word it.
+    measured = episode.message.split(": ", 1)[-1].rstrip(".")
+    lines = [f"{_TITLES[episode.kind]} - {headline}.",
+             f"  Measured: {measured}."]
+    if remedies:
+        lines.append("  Remedies for this model: " + "; ".join(r.text for r in remedies) + ".")
+    return Finding(
+        kind=episode.kind, scope=episode.scope, layers=concerned,
+        first_step=episode.first_step, last_step=episode.last_step, ongoing=ongoing,
+        rule=episode.rule, figure=episode.figure, threshold=episode.threshold,
+        activations=activations, initializers=initializers, first_last_ratio=ratio,
+        remedies=remedies, episode=episode, message="\n".join(lines),
+    )
+
+
+# ---------------------------------------------------------------------------
+# Remedies.
+
+
+def _clipping_remedy():
+    # ---- AutoClip: the place for keras_vg.AutoClip (another engineer's issue). -------------
+    # Checked through `__all__` so that the diagnosis stays TensorFlow-free: getattr would
+    # import keras_vg.clipping. Once AutoClip exists, the remedy names it; until then, the
+    # optimizer's own fixed clipping.
+    import keras_vg
+
+    if "AutoClip" in keras_vg.__all__:
+        return Remedy("clipping", "gradient clipping that adapts to the run: add keras_vg.AutoClip() to callbacks")
+    return Remedy("clipping", "gradient clipping, e.g. the optimizer's global_clipnorm=1.0")
+
+
+def _facts(layer_names, summary):
+    """What the remedies depend on, read from the summary for the concerned layers."""
+    entries = (summary or {}).get("layers", [])
+    by_name = {entry["name"]: entry for entry in entries}
+    concerned = [by_name[n] for n in layer_names if n in by_name] or entries
+    weighted = [e for e in entries if e.get("kernel_initializer")]
+    classes = [e["class"] for e in weighted if e["class"] not in ("SimpleRNN", "LSTM", "GRU", "Embedding")]
+    main_class = max(set(classes), key=classes.count) if classes else "Dense"
+    activations = {e.get("activation") for e in concerned if e.get("activation")}
+    if not activations - {"linear"}:  # e.g. a kernel's layer has no activation: look at the whole model
+        activations = {e.get("activation") for e in entries if e.get("activation")}
+    inits = {e["kernel_initializer"] for e in concerned if e.get("kernel_initializer")}
+    recurrent = set((summary or {}).get("recurrent", []))
+    output = weighted[-1]["name"] if weighted else None
+    return {
+        "output_only": bool(layer_names) and set(layer_names) == {output},
+        "known": summary is not None,
+        "saturating": bool(activations & SATURATING),
+        "relu_family": bool(activations & RELU_FAMILY),
+        "plain_relu": "relu" in activations,
+        "he": bool(inits) and inits <= HE_INITS,
+        "unscaled_inits": sorted(_snake(i) for i in inits - SCALED_INITS),
+        "batch_norm": bool((summary or {}).get("has_batch_norm")),
+        "residual": bool((summary or {}).get("has_residual_add")),
+        "simple_rnn": "SimpleRNN" in recurrent,
+        "recurrent": bool(recurrent),
+        "depth": len(weighted),
+        "main_class": main_class,
+        "optimizer": (summary or {}).get("optimizer"),
+    }
+
+
+def remedies_for(kind, layer_names, summary, clipping=False):
+    """Picks the remedies that fit a finding in this model.
+
+    Args:
+        kind: A finding kind (`detect.KINDS`).
+        layer_names: The layers concerned.
+        summary: The model summary, or None (generic remedies).
+        clipping: Whether the run already clipped (AutoClip events were
+            recorded): clipping is then not suggested again. Defaults to
+            `False`.
+
+    Returns:
+        A list of `Remedy`, the most fitting first.
+
+    Example:
+
+    >>> summary = {"layers": [{"name": "rnn", "class": "SimpleRNN", "activation": None,
+    ...            "kernel_initializer": "GlorotUniform"}], "recurrent": ["SimpleRNN"]}
+    >>> [r.key for r in remedies_for("exploding", ["rnn"], summary)][:2]
+    ['clipping', 'gating']
+    """
+    f = _facts(layer_names, summary)
+    generic = not f["known"]
+    out = []
+    add = lambda key, text: out.append(Remedy(key, text))  # noqa: E731
+
+    def gating():
+        if f["simple_rnn"] or generic:
+            add("gating", "gated recurrent layers (LSTM or GRU) instead of SimpleRNN")
+
+    def activation_and_init():
+        if f["unscaled_inits"]:  # first: a fixed-scale initialiser is the likelier cause
+            add("scaled_init", f"an initialiser scaled to the layer's width instead of "
+                               f"{', '.join(f['unscaled_inits'])}: he_normal for ReLU-family, "
+                               f"glorot_uniform (Xavier) for sigmoid/tanh")
+        if f["saturating"] or generic:
+            add("relu_he", "ReLU-family activations (ReLU, ELU, SELU, Swish) with He initialisation "
+                           "(he_normal; lecun_normal for SELU)")
+        elif f["relu_family"] and not f["he"]:
+            add("he_init", "He initialisation (kernel_initializer=\"he_normal\") for the ReLU-family layers")
+
+    def batch_norm(where="after each"):
+        if not f["batch_norm"] and (not f["recurrent"] or generic):
+            add("batch_norm", f"BatchNormalization {where} {f['main_class']}")
+
+    def residual():
+        if not f["residual"] and not f["recurrent"] and (f["depth"] >= 4 or generic):
+            add("residual", "residual (skip) connections around blocks of layers (keras.layers.Add)")
+
+    def fewer_layers():
+        if f["depth"] >= 8 or generic:
+            detail = f" (this model has {f['depth']} weighted layers)" if f["known"] else ""
+            add("fewer_layers", f"fewer layers{detail}")
+
+    def clip():
+        if not clipping:
+            out.append(_clipping_remedy())
+
+    def lower_lr(why=""):
+        optimizer = f" for {f['optimizer']}" if f["optimizer"] else ""
+        add("lower_lr", f"a lower learning rate{optimizer}{why}")
+
+    if kind in ("vanishing", "stalled"):
+        gating()
+        activation_and_init()
+        batch_norm()
+        residual()
+        fewer_layers()
+        if kind == "stalled" and f["optimizer"] in (None, "SGD"):
+            add("adaptive_optimizer", "an adaptive optimizer (Adam, RMSprop), whose step does not "
+                                      "shrink with the gradient")
+    elif kind == "exploding":
+        clip()
+        gating()
+        lower_lr()
+        if f["unscaled_inits"]:
+            activation_and_init()
+        batch_norm()
+    elif kind == "nonfinite":
+        clip()
+        lower_lr()
+        add("check_data", "check the inputs and the loss for NaN/inf (log of 0, division by 0); "
+                          "keras.callbacks.TerminateOnNaN stops such a run at once")
+    elif kind == "dead":
+        lower_lr(": large steps push ReLU units' biases negative for good")
+        if f["plain_relu"] or generic:
+            add("leaky", "LeakyReLU or ELU, which keep a gradient for negative inputs")
+        if not f["he"]:
+            add("he_init", "He initialisation (kernel_initializer=\"he_normal\")")
+        batch_norm("before the activation of each")
+    elif kind == "saturated" and f["output_only"]:
+        add("output_layer", "none needed if predictions are meant to be confident: an output sigmoid or "
+                            "softmax saturates as the loss falls; early in training, a lower learning rate")
+    elif kind == "saturated":
+        activation_and_init()
+        batch_norm("before the activation of each")
+        add("scale_inputs", "standardised inputs (zero mean, unit variance)")
+    return out
+
+
+# ---------------------------------------------------------------------------
+# Report lines.
+
+
+def _model_line(summary):
+    if summary is None:
+        return "Model: unknown"
+    counts = {}
+    for entry in summary.get("layers", []):
+        if entry["class"] != "InputLayer":  # functional models list it; it is not a layer to fix
+            counts[entry["class"]] = counts.get(entry["class"], 0) + 1
+    layers = ", ".join(f"{cls} x{n}" for cls, n in counts.items())
+    optimizer = f", optimizer {summary['optimizer']}" if summary.get("optimizer") else ""
+    return f"Model: {summary.get('name', '?')} ({layers}){optimizer}"
+
+
+def _clipping_lines(events):
+    # ---- AutoClip: its events (clip_on / clip_off / skip) as keras_vg.AutoClip records them. ----
+    if not events:
+        return []
+    counts = {}
+    for event in events:
+        counts.setdefault(event["kind"], []).append(event["step"])
+    parts = [f"{kind} x{len(steps)} (first at step {steps[0]})" for kind, steps in counts.items()]
+    return ["Clipping events: " + ", ".join(parts) + "."]
