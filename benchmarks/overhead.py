@@ -89,13 +89,15 @@ class TapeRecompute(keras.callbacks.Callback):
 
 def make_arms(build, x, batch, log_root):
     y = np.random.randint(0, 10, size=len(x))
+    # One set of callbacks per arm for all rounds, as in one long fit: a monitor keeps its
+    # traced function across fit calls, so only the warm-up round traces.
     arms = {
-        "plain": lambda: [],
-        "plain (A/A)": lambda: [],
-        "GradientMonitor every=1": lambda: [keras_vg.GradientMonitor(f"{log_root}/every1", verbose=0)],
-        "GradientMonitor every=10": lambda: [keras_vg.GradientMonitor(f"{log_root}/every10", every=10, verbose=0)],
-        "eager GradientTape recompute": lambda: [TapeRecompute(x[:batch], y[:batch])],
-        "TensorBoard(histogram_freq=1)": lambda: [keras.callbacks.TensorBoard(f"{log_root}/tb", histogram_freq=1)],
+        "plain": [],
+        "plain (A/A)": [],
+        "GradientMonitor every=1": [keras_vg.GradientMonitor(f"{log_root}/every1", verbose=0)],
+        "GradientMonitor every=10": [keras_vg.GradientMonitor(f"{log_root}/every10", every=10, verbose=0)],
+        "eager GradientTape recompute": [TapeRecompute(x[:batch], y[:batch])],
+        "TensorBoard(histogram_freq=1)": [keras.callbacks.TensorBoard(f"{log_root}/tb", histogram_freq=1)],
     }
     models = {}
     for name in arms:
@@ -119,7 +121,7 @@ def run_model(name, rounds, batches):
             for arm, callbacks in arms.items():
                 timer = BatchTimer()
                 models[arm].fit(x, y[: len(x)], batch_size=batch, epochs=1, verbose=0,
-                                callbacks=callbacks() + [timer])
+                                callbacks=callbacks + [timer])
                 if round_index > 0:  # round 0 is the warm-up
                     times[arm].append(timer.total)
         event_bytes = sum(
