@@ -260,6 +260,13 @@ class Tap:
         step = tf.cast(tf.convert_to_tensor(self.optimizer.iterations), tf.int64)
         return step, tf.equal(step % self.every, 0)
 
+    def _on_record_steps(self, is_record, record):
+        # With every=1 each step records: a tf.cond would be pure overhead.
+        if self.every == 1:
+            record()
+        else:
+            _on_record_steps(is_record, record)
+
     def _slot(self, step):
         return (step // self.every) % self.capacity
 
@@ -297,7 +304,7 @@ class Tap:
                     # record steps only, so that other steps skip a pass over the activations.
                     with tf.name_scope("keras_vg"):
                         accumulator = self.buffers[f"saturated/{index}/acc"]
-                        _on_record_steps(self._step()[1], lambda: accumulator.assign_add(
+                        self._on_record_steps(self._step()[1], lambda: accumulator.assign_add(
                             tf.stack(stats.saturated_count(outputs, kind, self.saturation_epsilon))))
                 return outputs
 
@@ -335,7 +342,7 @@ class Tap:
             _write_row(self.buffers["global_grad_norm"], stats.global_norm(norms), slot)
             _close_window(accumulator, self.buffers["grad_nonfinite"], slot)
 
-        _on_record_steps(is_record, record)
+        self._on_record_steps(is_record, record)
 
     def _observe_aggregated(self, grads, variables):
         with tf.name_scope("keras_vg"):
@@ -365,13 +372,13 @@ class Tap:
 
             if not any(s in self.stats_to_record for s in fmt.WEIGHT_STATS):
                 original(grads, trainable_variables)
-            elif self._can_branch_around_apply():
+            elif self.every > 1 and self._can_branch_around_apply():
                 # Only record steps copy the weights for the update ratio.
                 tf.cond(is_record, lambda: apply_and_record(lambda record: record()), apply_only)
             else:
-                apply_and_record(lambda record: _on_record_steps(is_record, record))
+                apply_and_record(lambda record: self._on_record_steps(is_record, record))
             with tf.name_scope("keras_vg"):
-                _on_record_steps(is_record, lambda: self._close_windows(step))
+                self._on_record_steps(is_record, lambda: self._close_windows(step))
 
         return apply
 
