@@ -674,7 +674,7 @@ def _empty(shape):
 # Episodes.
 
 
-_TITLES = {
+KIND_TITLES = {
     "nonfinite": "Non-finite gradients",
     "exploding": "Exploding gradients",
     "vanishing": "Vanishing gradients",
@@ -702,7 +702,7 @@ def _episode(kind, scope, names, first_step, last_step, worst, th):
         text = "the gradient norm is not finite"
     else:
         text = rule.text.format(f=figure, t=threshold)
-    message = f"{_TITLES[kind]} in {where}, {when}: {text}."
+    message = f"{KIND_TITLES[kind]} in {where}, {when}: {text}."
     return Episode(kind, scope, tuple(names), int(first_step), int(last_step), rule.name,
                    figure, threshold, message)
 

@@ -33,15 +33,6 @@ SCALED_INITS = frozenset({"GlorotUniform", "GlorotNormal", "HeUniform", "HeNorma
 HE_INITS = frozenset({"HeUniform", "HeNormal"})
 CLIP_EVENT_KINDS = ("clip_on", "clip_off", "skip")
 
-_TITLES = {
-    "nonfinite": "Non-finite gradients",
-    "exploding": "Exploding gradients",
-    "vanishing": "Vanishing gradients",
-    "dead": "Dead units",
-    "saturated": "Saturated activations",
-    "stalled": "Stalled updates",
-}
-
 _VERBS = {
     "vanishing": "gradients vanish",
     "exploding": "gradients explode",
@@ -362,7 +353,7 @@ def _finding(episode, grid, layers, norm, clipping, summary, vanishing):
     # detect's message is "<Title> in <where>, <when>: <measured figure and threshold>."; the
     # part after the first ": " is the measurement, worded as the monitor's warnings word it.
     measured = episode.message.split(": ", 1)[-1].rstrip(".")
-    lines = [f"{_TITLES[episode.kind]} - {headline}.",
+    lines = [f"{detect.KIND_TITLES[episode.kind]} - {headline}.",
              f"  Measured: {measured}."]
     if remedies:
         lines.append("  Remedies for this model: " + "; ".join(r.text for r in remedies) + ".")
