@@ -1,4 +1,7 @@
-"""Reads keras-vg event files back into numpy arrays. TensorFlow-free.
+"""Reads keras-vg event files back into numpy arrays.
+
+It needs no TensorFlow, but TensorBoard's event loader, which it uses, imports
+TensorFlow when it is installed (the `keras-vg` CLI avoids that).
 
 Example:
 
