@@ -17,6 +17,10 @@ See `docs/FORMAT.md` for the human-readable description.
 | `dead_fraction`       | layer    | fraction of units that never fired since last record |
 | `saturation_fraction` | layer    | fraction of the step's activations near an asymptote |
 | `global_grad_norm`    | scalar   | L2 norm over all gradients, before clipping     |
+| `global_grad_norm_clipped` | scalar | L2 norm over all gradients, after AutoClip    |
+| `clip_threshold`      | scalar   | AutoClip's threshold on the global norm (NaN: none) |
+| `clipped`             | scalar   | steps AutoClip clipped since the last record    |
+| `skipped`             | scalar   | non-finite steps skipped since the last record  |
 """
 
 import json
@@ -24,7 +28,7 @@ import json
 PLUGIN_NAME = "keras_vg"
 """Plugin name in `SummaryMetadata.plugin_data` (TensorBoard wants `[A-Za-z0-9_-]+`)."""
 
-FORMAT_VERSION = "1.0"
+FORMAT_VERSION = "1.1"
 """`major.minor`. Readers accept any minor of their own major, and refuse newer majors."""
 
 AXIS_VARIABLE = "variable"
@@ -41,6 +45,11 @@ STAT_AXES = {
     "dead_fraction": AXIS_LAYER,
     "saturation_fraction": AXIS_LAYER,
     "global_grad_norm": AXIS_SCALAR,
+    # 1.1: written by AutoClip (keras_vg.clipping).
+    "global_grad_norm_clipped": AXIS_SCALAR,
+    "clip_threshold": AXIS_SCALAR,
+    "clipped": AXIS_SCALAR,
+    "skipped": AXIS_SCALAR,
 }
 """Every statistic, in display order, with the axis its tensor runs along."""
 
@@ -48,6 +57,8 @@ STATS = tuple(STAT_AXES)
 GRADIENT_STATS = ("grad_norm", "grad_max_abs", "grad_nonfinite", "global_grad_norm")
 WEIGHT_STATS = ("weight_norm", "update_ratio")
 ACTIVATION_STATS = ("dead_fraction", "saturation_fraction")
+CLIP_STATS = ("global_grad_norm_clipped", "clip_threshold", "clipped", "skipped")
+"""Statistics recorded by AutoClip, not by the GradientMonitor's tap (format 1.1)."""
 
 EVENTS_NAME = "events"
 """JSON list of events (alerts, clipping on/off, skipped steps) recorded at a step."""
@@ -57,6 +68,9 @@ MODEL_NAME = "model"
 
 SCALARS_GLOBAL_NORM_TAG = "gradients/global_norm"
 """A plain scalar copy of `global_grad_norm`, for TensorBoard's stock Scalars tab."""
+
+SCALARS_GLOBAL_NORM_CLIPPED_TAG = "gradients/global_norm_clipped"
+"""A plain scalar copy of `global_grad_norm_clipped` (format 1.1)."""
 
 EVENT_KINDS = ("alert", "clip_on", "clip_off", "skip", "warning")
 
