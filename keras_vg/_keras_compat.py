@@ -129,3 +129,119 @@ def aggregated_gradient_stages(optimizer):
     optimizer._keras_vg_stages = stages
     optimizer._all_reduce_sum_gradients = stages.hook
     return stages
+
+
+# Auto-clipping (keras_vg.clipping) ---------------------------------------------
+#
+# Tested with Keras 3.15.1 / TensorFlow 2.21.0, single device, MirroredStrategy
+# over two logical CPUs, XLA and LossScaleOptimizer. Private names used, and why:
+# - `TFOptimizer._backend_update_step`, `_distributed_tf_update_step`,
+#   `_distribution_strategy`: the update has to be made conditional where the
+#   replica-summed gradient exists, which is inside `_backend_update_step`, and
+#   in a cross-replica context (a `tf.cond` around anything that calls
+#   `merge_call` fails in a replica context, keras-team/keras#20582).
+# - `BaseOptimizer._apply_weight_decay`, `_use_weight_decay`: Keras decays the
+#   weights before `_backend_update_step`; a skipped step must not decay them,
+#   so the decay moves into the conditional update.
+# - The Keras saving walk (`keras.src.saving.saving_lib._walk_saveable`)
+#   visits every attribute of a model that is a Keras saveable: a `Layer`
+#   attached outside the layer tracker is saved with the weights and restored
+#   by `load_weights`, without appearing in `model.layers` or `model.weights`.
+
+
+def install_update_guard(optimizer, should_apply):
+    """Makes an optimizer's variable updates conditional on an in-graph flag.
+
+    After the hook, `_backend_update_step` all-reduces the gradients (running
+    the `aggregated_gradient_stages`), then calls `should_apply()` in the same
+    replica context; where it returns a boolean tensor, the weight decay and the
+    update of every variable and optimizer slot run only when it is True on
+    every replica. `iterations` is not touched here: Keras increments it after
+    `_backend_update_step`, whatever happened inside.
+
+    Args:
+        optimizer: A Keras TensorFlow-backend optimizer, already unwrapped
+            (see `applying_optimizer`).
+        should_apply: A function of no arguments, called once per trace in
+            the replica context, returning a scalar boolean tensor or None
+            (update unconditionally).
+
+    Returns:
+        A function that removes the hook, or None when this Keras version
+        has no such hook (the caller must then do without skipping).
+    """
+    if not keras_version_is_tested():
+        _warn_untested_once()
+        return None
+    needed = ("_backend_update_step", "_distributed_tf_update_step", "_all_reduce_sum_gradients",
+              "_apply_weight_decay", "_use_weight_decay", "_distribution_strategy")
+    if not all(hasattr(optimizer, name) for name in needed):
+        return None
+    import tensorflow as tf
+
+    def decay(distribution, variables):
+        # Keras's own decay (TFOptimizer._apply_weight_decay), callable from a cross-replica context.
+        if optimizer.weight_decay is None:
+            return
+
+        def weight_decay_fn(variable):
+            if optimizer._use_weight_decay(variable):
+                lr = tf.cast(optimizer.learning_rate, variable.dtype)
+                wd = tf.cast(optimizer.weight_decay, variable.dtype)
+                variable.assign_sub(variable * wd * lr)
+
+        for variable in variables:
+            distribution.extended.update(variable, weight_decay_fn, group=False)
+
+    def guarded_update(distribution, grads_and_vars, learning_rate, flag, variables):
+        def update():
+            decay(distribution, variables)
+            optimizer._distributed_tf_update_step(distribution, grads_and_vars, learning_rate)
+            return tf.constant(True)
+
+        if flag is None:
+            update()
+            return
+        # Every replica decided on the same summed gradient; all() is there for safety.
+        apply = tf.reduce_all(tf.stack(distribution.experimental_local_results(flag)))
+        tf.cond(apply, update, lambda: tf.constant(False))
+
+    def backend_update_step(grads, trainable_variables, learning_rate):
+        variables = [v.value if isinstance(v, keras.Variable) else v for v in trainable_variables]
+        grads_and_vars = optimizer._all_reduce_sum_gradients(list(zip(grads, variables)))
+        flag = should_apply()
+        tf.__internal__.distribute.interim.maybe_merge_call(
+            guarded_update, optimizer._distribution_strategy, grads_and_vars, learning_rate, flag, variables
+        )
+
+    def no_decay(variables):
+        del variables  # applied inside the guarded update instead
+
+    optimizer._backend_update_step = backend_update_step
+    optimizer._apply_weight_decay = no_decay
+
+    def remove():
+        for name, hook in (("_backend_update_step", backend_update_step), ("_apply_weight_decay", no_decay)):
+            if optimizer.__dict__.get(name) is hook:
+                delattr(optimizer, name)
+
+    return remove
+
+
+def attach_saved_state(model, name, saveable):
+    """Attaches a Keras saveable to a model so that its variables are checkpointed with it.
+
+    `model.save_weights` / `model.save` (and so `BackupAndRestore` and
+    `ModelCheckpoint`) then save `saveable.save_own_variables`, and
+    `model.load_weights` restores them, while `model.layers`,
+    `model.weights` and `model.summary()` are unchanged (the layer tracker is
+    bypassed). A file saved without the state loads as before, and so does a
+    file with the state into a model without it.
+
+    Args:
+        model: A Keras model.
+        name: The attribute name, also the path of the state in the file.
+        saveable: A `keras.layers.Layer` implementing `save_own_variables`
+            and `load_own_variables`.
+    """
+    object.__setattr__(model, name, saveable)
