@@ -1,0 +1,155 @@
+"""`AGC`: adaptive gradient clipping, unit-wise against the weights' norms."""
+
+import numpy as np
+import tensorflow as tf
+
+from keras_vg.clipping.policy import ClipPolicy, Decision, check_positive
+
+DIVISION_EPSILON = 1e-6
+"""optax's guard against dividing by a zero gradient norm (it cannot engage)."""
+
+
+def unit_axes(shape):
+    """The axes a unit's norm runs over, by the variable's rank, as optax's `unitwise_norm`.
+
+    Keras kernels keep the output units last, like JAX's: a Dense kernel
+    `(in, out)` has one unit per output, a Conv2D kernel `(h, w, in, out)` one
+    per filter. Scalars and vectors (biases) are one unit. Rank-3 kernels
+    (multi-head attention's `(in, heads, dim)`, but also Conv1D's
+    `(w, in, out)`) reduce over axis 0 only, as optax does.
+
+    Args:
+        shape: The variable's shape, a `tf.TensorShape` or list.
+
+    Returns:
+        A tuple of axes, or None for the whole tensor.
+    """
+    dims = list(tf.TensorShape(shape).as_list())
+    if sum(1 for d in dims if d != 1) <= 1:
+        return None
+    if len(dims) in (2, 3):
+        return (0,)
+    if len(dims) == 4:
+        return (0, 1, 2)
+    if len(dims) == 5:
+        return (0, 1, 2, 3)
+    raise ValueError(f"AGC supports variables of rank 1 to 5. Received: shape={dims}")
+
+
+def unitwise_norm(x, axes):
+    """L2 norms of `x` over `axes`, kept broadcastable to `x` (None: the whole tensor)."""
+    x = tf.cast(x, tf.float32)
+    if axes is None:
+        return tf.reshape(tf.sqrt(tf.reduce_sum(tf.square(x))), [1] * max(len(x.shape), 1))
+    return tf.sqrt(tf.reduce_sum(tf.square(x), axis=axes, keepdims=True))
+
+
+class AGC(ClipPolicy):
+    """Adaptive gradient clipping: each unit's gradient is kept below a fraction of its weights.
+
+    For every unit i (an output unit of a Dense kernel, a filter of a Conv
+    kernel, a whole bias), where `‖G_i‖ > clip_factor · max(‖W_i‖, eps)` the
+    unit's gradient is rescaled to that bound. The variables of the model's
+    output layer are left alone (the paper's advice). Which axes make a unit
+    follows optax's `adaptive_grad_clip` (see `unit_axes`). Sparse gradients
+    (Embedding) are measured by their values.
+
+    AGC has no global threshold: `AutoClip` records `clip_threshold` as NaN.
+
+    Args:
+        clip_factor: λ, the largest ratio of a unit's gradient norm to its
+            weight norm. Defaults to `0.01`.
+        eps: Floor of the weight norm, so that zero-initialised units can
+            move. Defaults to `1e-3`.
+        exclude_output: Leave the output layer's variables unclipped.
+            Defaults to `True`.
+        skip_nonfinite: Skip steps whose gradient is not finite. Defaults to
+            `True`.
+
+    Example:
+
+    >>> policy = AGC(clip_factor=0.01)
+    >>> w = tf.Variable([[1.0], [0.0]])          # one unit, ‖W‖ = 1
+    >>> decision, _ = policy.update({}, tf.constant(1.0), [tf.constant([[0.6], [0.8]])], [w])
+    >>> [round(v, 4) for v in policy.clip(decision, [tf.constant([[0.6], [0.8]])])[0].numpy().ravel()]
+    [0.006, 0.008]
+
+    References:
+        Brock, De, Smith and Simonyan, "High-Performance Large-Scale Image
+        Recognition Without Normalization", ICML 2021 (arXiv:2102.06171).
+    """
+
+    lazy = True  # stateless, and it reads every weight: nothing to compute while clipping is armed
+
+    def __init__(self, clip_factor=0.01, eps=1e-3, exclude_output=True, skip_nonfinite=True):
+        super().__init__(skip_nonfinite)
+        check_positive("clip_factor", clip_factor)
+        check_positive("eps", eps)
+        if not isinstance(exclude_output, bool):
+            raise ValueError(f"`exclude_output` must be a bool. Received: exclude_output={exclude_output!r}")
+        self.clip_factor = float(clip_factor)
+        self.eps = float(eps)
+        self.exclude_output = exclude_output
+        self._excluded = set()
+
+    def bind(self, model):
+        """Finds the output layer's variables, to leave them unclipped."""
+        self._excluded = set()
+        if not self.exclude_output:
+            return
+        for variable in output_layer_variables(model):
+            self._excluded.add(id(variable))
+            self._excluded.add(id(getattr(variable, "value", variable)))
+
+    def update(self, state, norm, grads=None, weights=None):
+        if grads is None or weights is None:
+            raise ValueError("AGC needs the gradients and the weights. Received: grads=None or weights=None")
+        factors, squares = [], []
+        exceeded = tf.constant(False)
+        for grad, weight in zip(grads, weights):
+            if grad is None:
+                factors.append(None)
+                continue
+            values = grad.values if isinstance(grad, tf.IndexedSlices) else grad
+            if id(weight) in self._excluded:
+                factors.append(None)
+                squares.append(tf.reduce_sum(tf.square(tf.cast(values, tf.float32))))
+                continue
+            axes = unit_axes(weight.shape)
+            grad_norm = unitwise_norm(values, axes)
+            limit = self.clip_factor * tf.maximum(unitwise_norm(weight, axes), self.eps)
+            clipped = grad_norm >= limit  # optax keeps a unit only where g_norm < max_norm
+            factor = tf.where(clipped, limit / tf.maximum(grad_norm, DIVISION_EPSILON), 1.0)
+            exceeded = exceeded | tf.reduce_any(clipped)
+            factors.append(factor)
+            squares.append(tf.reduce_sum(tf.square(grad_norm * factor)))
+        norm_after = tf.sqrt(tf.add_n(squares)) if squares else tf.zeros([])
+        decision = Decision(exceeded=exceeded, threshold=tf.constant(np.nan, tf.float32),
+                            norm_after=tf.where(exceeded, norm_after, norm), factor=factors)
+        return decision, dict(state)
+
+    def get_config(self):
+        return {"clip_factor": self.clip_factor, "eps": self.eps, "exclude_output": self.exclude_output,
+                **super().get_config()}
+
+
+def output_layer_variables(model):
+    """The trainable variables of a model's output layer(s).
+
+    Functional models name their output layers; otherwise the output layer
+    is the last layer, in model order, that has trainable variables.
+    """
+    layers = []
+    for name in getattr(model, "output_names", None) or []:
+        try:
+            layer = model.get_layer(name)
+        except ValueError:
+            continue
+        if layer.trainable_variables:
+            layers.append(layer)
+    if not layers:
+        from keras_vg.tap import walk_layers
+
+        with_weights = [layer for layer in walk_layers(model) if layer.trainable_variables]
+        layers = with_weights[-1:]
+    return [v for layer in layers for v in layer.trainable_variables]

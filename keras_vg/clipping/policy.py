@@ -1,0 +1,126 @@
+"""The shape every clipping policy has: explicit state, and pure functions of it.
+
+A policy is a small object in the style of optax's gradient transformations.
+`init()` returns its state as a dict of numpy values; `update(state, norm, ...)`
+returns a `Decision` for this step and the next state; `clip(decision, grads)`
+returns the clipped gradients. Nothing in a policy is a variable: `AutoClip`
+keeps the state in `tf.Variable`s and calls `update` inside the compiled train
+step, and a test calls it eagerly on a sequence of norms.
+"""
+
+import collections
+
+import numpy as np
+import tensorflow as tf
+
+Decision = collections.namedtuple("Decision", ["exceeded", "threshold", "norm_after", "factor"])
+Decision.__doc__ = """What a policy decided about one step.
+
+Attributes:
+    exceeded: Scalar bool tensor: the gradient is beyond the policy's limit,
+        and is clipped when clipping is on.
+    threshold: Scalar float32 tensor: the global norm above which the step is
+        clipped; NaN where the policy has none (warm-up, unit-wise AGC).
+    norm_after: Scalar float32 tensor: the global norm the gradient has once
+        clipped (its own norm where not `exceeded`).
+    factor: What `clip` multiplies the gradients by: a scalar tensor, or one
+        broadcastable tensor (or None, untouched) per gradient.
+"""
+
+
+class ClipPolicy:
+    """Base class of the clipping policies.
+
+    Subclasses implement `init` and `update`, and `clip` where the default
+    (one factor for every gradient) does not fit. `update` is only given
+    finite norms by `AutoClip`: on a step whose gradient is not finite, the
+    old state is kept.
+
+    Args:
+        skip_nonfinite: When True, a step whose gradient holds NaN or inf
+            changes neither the weights nor the optimizer's slots (see
+            `AutoClip`). Defaults to `True`.
+    """
+
+    lazy = False
+    """True for a stateless policy whose decision `AutoClip` may leave uncomputed while armed."""
+
+    def __init__(self, skip_nonfinite=True):
+        if not isinstance(skip_nonfinite, bool):
+            raise ValueError(f"`skip_nonfinite` must be a bool. Received: skip_nonfinite={skip_nonfinite!r}")
+        self.skip_nonfinite = skip_nonfinite
+
+    def init(self):
+        """Returns the initial state: a dict from name to a float32 numpy array."""
+        return {}
+
+    def update(self, state, norm, grads=None, weights=None):
+        """Decides about one step.
+
+        Args:
+            state: A dict of tensors, as returned by `init` or `update`.
+            norm: The global L2 norm of the (replica-summed, unscaled)
+                gradient, a finite float32 scalar.
+            grads: The gradients, for unit-wise policies.
+            weights: The variables they belong to, for unit-wise policies.
+
+        Returns:
+            A tuple `(decision, new_state)`.
+        """
+        raise NotImplementedError
+
+    def clip(self, decision, grads):
+        """Returns `grads` clipped as `decision` says (None entries stay None)."""
+        factors = decision.factor if isinstance(decision.factor, (list, tuple)) else [decision.factor] * len(grads)
+        return [_scale(g, f) for g, f in zip(grads, factors)]
+
+    def bind(self, model):
+        """Learns what the policy needs of a model (AGC: which layer is the output). Defaults to nothing."""
+        del model
+
+    def get_config(self):
+        return {"skip_nonfinite": self.skip_nonfinite}
+
+    def __repr__(self):
+        arguments = ", ".join(f"{k}={v!r}" for k, v in self.get_config().items())
+        return f"{type(self).__name__}({arguments})"
+
+
+def _scale(grad, factor):
+    if grad is None or factor is None:
+        return grad
+    if isinstance(grad, tf.IndexedSlices):
+        return tf.IndexedSlices(grad.values * tf.cast(factor, grad.values.dtype), grad.indices, grad.dense_shape)
+    return grad * tf.cast(factor, grad.dtype)
+
+
+def norm_decision(norm, threshold, target):
+    """The decision of a policy that clips the global norm down to `target` above `threshold`.
+
+    Args:
+        norm: The global norm, a float32 scalar.
+        threshold: Clip where `norm > threshold` (never where it is NaN).
+        target: The norm a clipped gradient gets.
+
+    Returns:
+        A `Decision` with one scalar factor.
+    """
+    exceeded = norm > threshold
+    safe_norm = tf.where(norm > 0, norm, 1.0)
+    return Decision(
+        exceeded=exceeded,
+        threshold=threshold,
+        norm_after=tf.where(exceeded, target, norm),
+        factor=tf.where(exceeded, target / safe_norm, 1.0),
+    )
+
+
+def check_positive(name, value, integer=False, allow_zero=False):
+    """Raises in Keras style unless `value` is a (strictly) positive number."""
+    kinds = (int, np.integer) if integer else (int, float, np.integer, np.floating)
+    ok = isinstance(value, kinds) and not isinstance(value, bool) and np.isfinite(value)
+    ok = ok and (value >= 0 if allow_zero else value > 0)
+    if not ok:
+        what = "an integer" if integer else "a number"
+        bound = ">= 0" if allow_zero else "> 0"
+        raise ValueError(f"`{name}` must be {what} {bound}. Received: {name}={value!r}")

@@ -1,0 +1,318 @@
+"""Clipping policies on their own: each against a numpy re-implementation of its paper's rule.
+
+No `fit` here: the policies are pure functions of explicit state, called
+eagerly on fixed sequences of norms and gradients.
+"""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import keras_vg
+from keras_vg.clipping.agc import output_layer_variables, unit_axes
+
+
+def norm_sequence(steps=120, seed=0):
+    """Log-normal norms with spikes (×30, ×8) and a slow drift, as a float32 sequence."""
+    rng = np.random.RandomState(seed)
+    norms = np.exp(rng.randn(steps) * 0.3) * np.linspace(1.0, 2.0, steps)
+    norms[[30, 31, 60, 90]] *= [30.0, 8.0, 30.0, 12.0]
+    return norms.astype(np.float32)
+
+
+def run_policy(policy, norms):
+    """Feeds the norms one by one; returns the per-step (exceeded, threshold, norm_after)."""
+    state = {k: tf.constant(v) for k, v in policy.init().items()}
+    out = []
+    for norm in norms:
+        decision, state = policy.update(state, tf.constant(norm))
+        out.append((bool(decision.exceeded), float(decision.threshold), float(decision.norm_after)))
+    exceeded, threshold, after = (np.array(column) for column in zip(*out))
+    return exceeded, threshold, after
+
+
+# numpy references, written from the papers (and their authors' code) -------------------
+
+
+def zclip_reference(norms, alpha=0.97, z_thresh=2.5, warmup=25, eps=1e-6):
+    """ZClip (Kumar et al. 2025), zscore mode with adaptive scaling, as bluorion-com/ZClip does it."""
+    buffer, mean, var = [], None, None
+    exceeded, threshold, after = [], [], []
+    for g in norms.astype(np.float64):
+        if mean is None:
+            buffer.append(g)
+            if len(buffer) == warmup:
+                mean = np.mean(buffer)
+                var = np.mean((np.array(buffer) - mean) ** 2)
+            exceeded.append(False)
+            threshold.append(np.nan)
+            after.append(g)
+            continue
+        std = np.sqrt(var)
+        z = (g - mean) / (std + eps)
+        spike = z > z_thresh
+        x = mean + (z_thresh * std) / (z / z_thresh) if spike else g
+        threshold.append(mean + z_thresh * (std + eps))
+        mean = alpha * mean + (1 - alpha) * x
+        var = alpha * var + (1 - alpha) * (x - mean) ** 2
+        exceeded.append(spike)
+        after.append(x)
+    return np.array(exceeded), np.array(threshold), np.array(after)
+
+
+def autoclip_reference(norms, p=10, history=1000):
+    """AutoClip (Seetharaman et al. 2020): the p-th percentile of the norms so far, this one included."""
+    seen, exceeded, threshold, after = [], [], [], []
+    for g in norms.astype(np.float64):
+        seen.append(g)
+        clip_value = np.percentile(seen[-history:], p)
+        exceeded.append(g > clip_value)
+        threshold.append(clip_value)
+        after.append(min(g, clip_value))
+    return np.array(exceeded), np.array(threshold), np.array(after)
+
+
+def agc_reference(grad, weight, clip_factor=0.01, eps=1e-3):
+    """AGC (Brock et al. 2021) as optax.adaptive_grad_clip computes it, in float64."""
+    grad, weight = grad.astype(np.float64), weight.astype(np.float64)
+    axes = {1: None, 2: (0,), 3: (0,), 4: (0, 1, 2)}[weight.ndim]
+    if np.squeeze(weight).ndim <= 1:
+        axes = None
+
+    def unitwise(x):
+        return np.sqrt(np.sum(x * x, axis=axes, keepdims=axes is not None))
+
+    g_norm = unitwise(grad)
+    max_norm = clip_factor * np.maximum(unitwise(weight), eps)
+    return np.where(g_norm < max_norm, grad, grad * (max_norm / np.maximum(g_norm, 1e-6)))
+
+
+# Thresholds against the references -------------------------------------------------------
+
+
+def test_zscore_matches_zclip_reference():
+    norms = norm_sequence()
+    exceeded, threshold, after = run_policy(keras_vg.ZScore(), norms)
+    ref_exceeded, ref_threshold, ref_after = zclip_reference(norms)
+    np.testing.assert_array_equal(exceeded, ref_exceeded)
+    assert exceeded[[30, 60, 90]].all() and not exceeded[:25].any()
+    np.testing.assert_allclose(threshold, ref_threshold, rtol=1e-5)  # NaN during warm-up on both
+    np.testing.assert_allclose(after, ref_after, rtol=1e-5)
+
+
+@pytest.mark.parametrize("alpha, z, warmup", [(0.9, 2.0, 5), (0.99, 3.0, 1)])
+def test_zscore_matches_reference_with_other_settings(alpha, z, warmup):
+    norms = norm_sequence(seed=1)
+    got = run_policy(keras_vg.ZScore(alpha=alpha, z=z, warmup=warmup), norms)
+    ref = zclip_reference(norms, alpha=alpha, z_thresh=z, warmup=warmup)
+    np.testing.assert_array_equal(got[0], ref[0])
+    np.testing.assert_allclose(got[1], ref[1], rtol=1e-5)
+    np.testing.assert_allclose(got[2], ref[2], rtol=1e-5)
+
+
+@pytest.mark.parametrize("p, history", [(10, 1000), (50, 7), (90, 30), (100, 5)])
+def test_percentile_matches_autoclip_reference(p, history):
+    norms = norm_sequence()
+    exceeded, threshold, after = run_policy(keras_vg.Percentile(p=p, history=history), norms)
+    ref_exceeded, ref_threshold, ref_after = autoclip_reference(norms, p=p, history=history)
+    np.testing.assert_allclose(threshold, ref_threshold, rtol=1e-6)
+    np.testing.assert_allclose(after, ref_after, rtol=1e-6)
+    # Where a norm sits at the threshold, float32 and float64 may disagree on ">": compare elsewhere.
+    clear = ~np.isclose(norms, ref_threshold, rtol=1e-6)
+    np.testing.assert_array_equal(exceeded[clear], ref_exceeded[clear])
+
+
+def test_global_norm_threshold():
+    norms = norm_sequence()
+    exceeded, threshold, after = run_policy(keras_vg.GlobalNorm(2.0), norms)
+    np.testing.assert_array_equal(exceeded, norms > 2.0)
+    np.testing.assert_array_equal(threshold, np.full(len(norms), 2.0))
+    np.testing.assert_allclose(after, np.minimum(norms, 2.0), rtol=1e-7)
+
+
+def agc_case(seed=0):
+    """Weights and gradients of every rank AGC sees, some units far above λ‖W‖, some below."""
+    rng = np.random.RandomState(seed)
+    shapes = [(8,), (6, 4), (5, 2, 3), (3, 3, 2, 4), (1, 7)]
+    weights = [rng.randn(*s).astype(np.float32) for s in shapes]
+    weights[0][:] = 0.0  # a zero-initialised bias: eps keeps it movable
+    grads = [(rng.randn(*s) * rng.choice([1e-4, 1e-1], size=s[-1:])).astype(np.float32) for s in shapes]
+    return weights, grads
+
+
+def test_agc_matches_optax_formula():
+    weights, grads = agc_case()
+    policy = keras_vg.AGC(clip_factor=0.01, eps=1e-3)
+    variables = [tf.Variable(w) for w in weights]
+    tensors = [tf.constant(g) for g in grads]
+    decision, _ = policy.update({}, tf.constant(1.0), tensors, variables)
+    clipped = policy.clip(decision, tensors)
+    for got, g, w in zip(clipped, grads, weights):
+        np.testing.assert_allclose(got.numpy(), agc_reference(g, w), rtol=1e-5, atol=1e-12)
+    assert bool(decision.exceeded)
+    assert np.isnan(float(decision.threshold))
+    expected = np.sqrt(sum(np.sum(agc_reference(g, w).astype(np.float64) ** 2) for g, w in zip(grads, weights)))
+    np.testing.assert_allclose(float(decision.norm_after), expected, rtol=1e-5)
+
+
+def test_agc_unit_axes_follow_optax():
+    assert unit_axes([10]) is None
+    assert unit_axes([1, 7]) is None
+    assert unit_axes([6, 4]) == (0,)
+    assert unit_axes([5, 2, 3]) == (0,)
+    assert unit_axes([3, 3, 2, 4]) == (0, 1, 2)
+    assert unit_axes([2, 3, 3, 2, 4]) == (0, 1, 2, 3)
+
+
+def test_agc_excludes_the_output_layer():
+    inputs = keras.Input((4,))
+    hidden = keras.layers.Dense(3, name="hidden")(inputs)
+    model = keras.Model(inputs, keras.layers.Dense(2, name="head")(hidden))
+    assert [v.path for v in output_layer_variables(model)] == ["head/kernel", "head/bias"]
+    sequential = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3), keras.layers.Dense(2, name="out"),
+                                   keras.layers.Dropout(0.1)])
+    assert [v.path for v in output_layer_variables(sequential)] == ["sequential/out/kernel", "sequential/out/bias"]
+
+    policy = keras_vg.AGC()
+    policy.bind(model)
+    huge = [tf.ones(v.shape) * 100.0 for v in model.trainable_variables]
+    decision, _ = policy.update({}, tf.constant(1.0), huge, model.trainable_variables)
+    clipped = policy.clip(decision, huge)
+    assert np.all(clipped[0].numpy() < 100.0)  # hidden kernel clipped
+    np.testing.assert_array_equal(clipped[2].numpy(), huge[2].numpy())  # head kernel left alone
+    np.testing.assert_array_equal(clipped[3].numpy(), huge[3].numpy())
+
+
+# Properties over many steps ---------------------------------------------------------------
+
+
+def random_grads(rng, scale):
+    return [tf.constant(rng.randn(6, 4).astype(np.float32) * scale), tf.constant(rng.randn(4).astype(np.float32))]
+
+
+def global_norm(tensors):
+    return float(np.sqrt(sum(np.sum(t.numpy().astype(np.float64) ** 2) for t in tensors)))
+
+
+@pytest.mark.parametrize("make", [lambda: keras_vg.ZScore(warmup=5), lambda: keras_vg.Percentile(p=30, history=20),
+                                  lambda: keras_vg.GlobalNorm(3.0)], ids=["zscore", "percentile", "global_norm"])
+def test_norm_policies_bound_the_norm_and_are_idempotent(make):
+    policy = make()
+    rng = np.random.RandomState(0)
+    state = {k: tf.constant(v) for k, v in policy.init().items()}
+    clipped_steps = 0
+    for step in range(150):
+        grads = random_grads(rng, 40.0 if step % 17 == 16 else 1.0)
+        norm = tf.constant(global_norm(grads), tf.float32)
+        decision, new_state = policy.update(state, norm)
+        clipped = policy.clip(decision, grads)
+        after = global_norm(clipped)
+        np.testing.assert_allclose(after, float(decision.norm_after), rtol=1e-5)
+        if bool(decision.exceeded):
+            clipped_steps += 1
+            # After clipping the norm is at most the threshold...
+            assert after <= float(decision.threshold) * (1 + 1e-6)
+            # ...and clipping again at that threshold changes nothing.
+            again = keras_vg.clipping.policy.norm_decision(tf.constant(after, tf.float32), decision.threshold,
+                                                           decision.threshold)
+            if isinstance(policy, (keras_vg.ZScore, keras_vg.GlobalNorm)):
+                again, _ = policy.update(state, tf.constant(after, tf.float32))
+            assert not bool(again.exceeded) or abs(float(again.factor) - 1.0) < 1e-6
+        else:
+            assert after == global_norm(grads)
+        state = new_state
+    assert clipped_steps >= 8
+
+
+def test_agc_bounds_every_unit_and_is_idempotent():
+    policy = keras_vg.AGC(clip_factor=0.05)
+    rng = np.random.RandomState(0)
+    weights = [tf.Variable(rng.randn(6, 4).astype(np.float32)), tf.Variable(np.zeros(4, np.float32))]
+    for step in range(60):
+        grads = random_grads(rng, 10.0 if step % 3 == 0 else 0.01)
+        decision, _ = policy.update({}, tf.constant(global_norm(grads)), grads, weights)
+        clipped = policy.clip(decision, grads)
+        unit_norms = np.linalg.norm(clipped[0].numpy(), axis=0)
+        bound = 0.05 * np.maximum(np.linalg.norm(weights[0].numpy(), axis=0), 1e-3)
+        assert np.all(unit_norms <= bound * (1 + 1e-5))
+        assert np.linalg.norm(clipped[1].numpy()) <= 0.05 * 1e-3 * (1 + 1e-5)
+        again, _ = policy.update({}, tf.constant(global_norm(clipped)), clipped, weights)
+        for g, twice in zip(clipped, policy.clip(again, clipped)):
+            np.testing.assert_allclose(twice.numpy(), g.numpy(), rtol=1e-5)
+
+
+def test_zscore_state_advances_as_expected():
+    policy = keras_vg.ZScore(alpha=0.5, warmup=2)
+    state = {k: tf.constant(v) for k, v in policy.init().items()}
+    for norm in [1.0, 3.0]:
+        _, state = policy.update(state, tf.constant(norm))
+    assert float(state["mean"]) == 2.0 and float(state["var"]) == 1.0 and float(state["count"]) == 2.0
+    _, state = policy.update(state, tf.constant(2.0))
+    assert float(state["mean"]) == 2.0 and float(state["var"]) == 0.5
+
+
+def test_percentile_history_is_a_bounded_ring():
+    policy = keras_vg.Percentile(p=100, history=3)
+    state = {k: tf.constant(v) for k, v in policy.init().items()}
+    thresholds = []
+    for norm in [5.0, 1.0, 1.0, 1.0, 2.0]:
+        decision, state = policy.update(state, tf.constant(norm))
+        thresholds.append(float(decision.threshold))
+    assert thresholds == [5.0, 5.0, 5.0, 1.0, 2.0]  # the 5.0 leaves the window after three norms
+    assert state["norms"].shape == (3,)
+
+
+def test_sparse_gradients_are_scaled_by_their_values():
+    grads = [tf.IndexedSlices(tf.constant([[3.0, 4.0]]), tf.constant([1]), tf.constant([5, 2]))]
+    decision, _ = keras_vg.GlobalNorm(1.0).update({}, tf.constant(5.0))
+    clipped = keras_vg.GlobalNorm(1.0).clip(decision, grads)[0]
+    assert isinstance(clipped, tf.IndexedSlices)
+    np.testing.assert_allclose(clipped.values.numpy(), [[0.6, 0.8]], rtol=1e-6)
+
+
+# Configuration errors ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda: keras_vg.GlobalNorm(0), "Received: threshold=0"),
+    (lambda: keras_vg.GlobalNorm(float("inf")), "Received: threshold=inf"),
+    (lambda: keras_vg.Percentile(p=0), "Received: p=0"),
+    (lambda: keras_vg.Percentile(p=101), "Received: p=101"),
+    (lambda: keras_vg.Percentile(history=2.5), "Received: history=2.5"),
+    (lambda: keras_vg.ZScore(alpha=1.0), "Received: alpha=1.0"),
+    (lambda: keras_vg.ZScore(warmup=0), "Received: warmup=0"),
+    (lambda: keras_vg.AGC(clip_factor=-1), "Received: clip_factor=-1"),
+    (lambda: keras_vg.ZScore(skip_nonfinite=1), "Received: skip_nonfinite=1"),
+    (lambda: keras_vg.AutoClip(policy="zclip"), "Received: policy='zclip'"),
+    (lambda: keras_vg.AutoClip(trigger="sometimes"), "Received: trigger='sometimes'"),
+    (lambda: keras_vg.AutoClip(cooldown=0), "Received: cooldown=0"),
+    (lambda: keras_vg.AutoClip(every=0), "Received: every=0"),
+    (lambda: keras_vg.AutoClip(verbose=2), "Received: verbose=2"),
+    (lambda: keras_vg.AutoClip(log_dir=""), "Received: log_dir=''"),
+])
+def test_bad_configuration_raises_keras_style(make, message):
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(".", r"\.")):
+        make()
+
+
+def test_policies_by_name_and_repr():
+    assert isinstance(keras_vg.AutoClip().policy, keras_vg.ZScore)
+    assert keras_vg.AutoClip().trigger is None  # ZScore is its own trigger
+    assert isinstance(keras_vg.AutoClip(policy="percentile").trigger, keras_vg.ZScore)
+    assert keras_vg.AutoClip(policy="global_norm").policy.threshold == 1.0
+    assert isinstance(keras_vg.AutoClip(policy="agc").policy, keras_vg.AGC)
+    assert repr(keras_vg.Percentile()) == "Percentile(p=10.0, history=1000, skip_nonfinite=True)"
+
+
+def test_global_norm_is_exact_past_float32_range_and_flags_nonfinite():
+    from keras_vg.clipping.autoclip import _global_norm
+
+    norm, finite = _global_norm([tf.constant([3.0, 4.0]), tf.constant([[12.0]])])
+    assert float(norm) == 13.0 and bool(finite)
+    norm, finite = _global_norm([tf.constant([3e19, 4e19]), tf.constant([0.0])])  # squares overflow float32
+    np.testing.assert_allclose(float(norm), 5e19, rtol=1e-6)
+    assert bool(finite)
+    for bad in (np.nan, np.inf):
+        norm, finite = _global_norm([tf.constant([1.0, bad])])
+        assert not bool(finite) and not np.isfinite(float(norm))
