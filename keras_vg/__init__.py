@@ -23,6 +23,11 @@ _LAZY = {
     "Run": "keras_vg.reader",
     "FormatError": "keras_vg.format",
     "STATS": "keras_vg.format",
+    "AutoClip": "keras_vg.clipping",
+    "ZScore": "keras_vg.clipping",
+    "Percentile": "keras_vg.clipping",
+    "AGC": "keras_vg.clipping",
+    "GlobalNorm": "keras_vg.clipping",
 }
 
 __all__ = sorted(_LAZY) + ["__version__"]

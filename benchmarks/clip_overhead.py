@@ -1,0 +1,119 @@
+"""Step-time overhead of AutoClip's policies against plain `fit`, in one process.
+
+The models, the batch timer and the method are those of `benchmarks/overhead.py`
+(imported, not copied): every arm trains its own copy of the model, rounds
+interleave the arms after a warm-up round, and each round times the batches of
+one epoch, leaving out the first two. Unlike there, each round starts at the
+next arm: on these machines the place of an arm in the round alone moved its
+time by up to 15% (the "last in the round" A/A arm of a fixed order showed it). The table gives each arm's fastest and
+median round as a ratio to plain `fit`, beside an A/A row (plain against plain)
+that shows the noise floor of the machine.
+
+The policy arms are armed (the default): training is calm, so they pay for the
+decision every step (global norm, statistics, records) but clip nothing. The
+last arm clips every step (a global-norm threshold below every norm, no
+trigger), which adds one multiplication per gradient.
+
+Usage:
+    python -u benchmarks/clip_overhead.py                  # the sigmoid MLP, 9 rounds
+    python -u benchmarks/clip_overhead.py --models mlp cnn transformer --rounds 7 --batches 40
+    python -u benchmarks/clip_overhead.py --threads 1 --rounds 15   # steadier on a shared machine
+"""
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from overhead import MODELS, BatchTimer  # noqa: E402
+
+import keras_vg  # noqa: E402
+
+ARMS = {
+    "plain": lambda: None,
+    "plain (A/A)": lambda: None,
+    "AutoClip zscore (default)": lambda: keras_vg.AutoClip("zscore", verbose=0),
+    "AutoClip percentile": lambda: keras_vg.AutoClip("percentile", verbose=0),
+    "AutoClip agc": lambda: keras_vg.AutoClip("agc", verbose=0),
+    "AutoClip global_norm": lambda: keras_vg.AutoClip("global_norm", verbose=0),
+    "AutoClip global_norm, clipping every step": lambda: keras_vg.AutoClip(
+        keras_vg.GlobalNorm(1e-6), trigger=None, verbose=0),
+}
+
+
+def run_model(name, rounds, batches):
+    build = MODELS[name]
+    keras.utils.set_random_seed(0)
+    _, x, batch = build()
+    x = x[: batch * batches]
+    y = np.random.randint(0, 10, size=len(x))
+    models, callbacks = {}, {}
+    for arm, make in ARMS.items():
+        keras.utils.set_random_seed(0)
+        model, _, _ = build()
+        model.compile(optimizer=keras.optimizers.Adam(1e-4),
+                      loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+        models[arm] = model
+        clip = make()
+        # One callback per arm for all rounds: a later fit reuses the traced function.
+        callbacks[arm] = [clip] if clip is not None else []
+    times = {arm: [] for arm in ARMS}
+    cpu = {arm: [] for arm in ARMS}
+    traces = {}
+    names = list(ARMS)
+    for round_index in range(rounds + 1):
+        # Each round starts at another arm: an arm's place in the round (memory, caches,
+        # other processes waking up) then weighs on every arm alike.
+        offset = round_index % len(names)
+        for arm in names[offset:] + names[:offset]:
+            timer = BatchTimer()
+            start = time.process_time()
+            models[arm].fit(x, y, batch_size=batch, epochs=1, verbose=0, callbacks=callbacks[arm] + [timer])
+            if round_index > 0:  # round 0 is the warm-up
+                times[arm].append(timer.total)
+                cpu[arm].append(time.process_time() - start)
+        if round_index == 0:
+            traces = {arm: c[0].trace_count for arm, c in callbacks.items() if c}
+    base_min, base_median = min(times["plain"]), statistics.median(times["plain"])
+    base_cpu = min(cpu["plain"])
+    print(f"\n{name}: batch {batch}, {batches} batches/round, {rounds} rounds "
+          f"(plain: fastest {base_min / (batches - 2) * 1e3:.1f} ms/step)")
+    print("| arm | fastest round ratio | median round ratio | least CPU time ratio |\n|---|---|---|---|")
+    for arm, values in times.items():
+        if arm == "plain":
+            continue
+        print(f"| {arm} | {min(values) / base_min:.3f} | {statistics.median(values) / base_median:.3f} "
+              f"| {min(cpu[arm]) / base_cpu:.3f} |")
+    for arm, count in traces.items():  # no retrace after the warm-up round
+        assert callbacks[arm][0].trace_count == count, (arm, count, callbacks[arm][0].trace_count)
+    return times
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", default=["mlp"], choices=list(MODELS))
+    parser.add_argument("--rounds", type=int, default=9)
+    parser.add_argument("--batches", type=int, default=30)
+    parser.add_argument("--threads", type=int, default=0,
+                        help="TensorFlow intra- and inter-op threads (0: TensorFlow's default). One thread "
+                             "makes the CPU-time column a measure of work on a machine shared with others.")
+    args = parser.parse_args()
+    if args.threads:
+        tf.config.threading.set_intra_op_parallelism_threads(args.threads)
+        tf.config.threading.set_inter_op_parallelism_threads(args.threads)
+    print(f"TensorFlow {tf.__version__}, Keras {keras.__version__}, devices: "
+          f"{[d.device_type for d in tf.config.list_physical_devices()]}")
+    for name in args.models:
+        run_model(name, args.rounds, args.batches)
+
+
+if __name__ == "__main__":
+    main()

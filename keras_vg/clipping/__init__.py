@@ -1,0 +1,24 @@
+"""Auto-clipping: clip gradients only once they explode, decided inside the train step.
+
+| name | what |
+|---|---|
+| `AutoClip` | the callback: armed until a spike or a non-finite gradient, then clips |
+| `ZScore` | ZClip (Kumar et al. 2025): clip spikes against an EMA of the norm |
+| `Percentile` | AutoClip (Seetharaman et al. 2020): clip at a percentile of recent norms |
+| `AGC` | adaptive gradient clipping (Brock et al. 2021), unit-wise |
+| `GlobalNorm` | a fixed threshold on the global norm |
+| `ClipPolicy` | the base class of policies: `init`, `update`, `clip` |
+| `autoclip_for` | the `AutoClip` attached to a model, or None |
+
+See `docs/CLIPPING.md`.
+"""
+
+from keras_vg.clipping.agc import AGC
+from keras_vg.clipping.autoclip import AutoClip, autoclip_for, write_records
+from keras_vg.clipping.global_norm import GlobalNorm
+from keras_vg.clipping.percentile import Percentile
+from keras_vg.clipping.policy import ClipPolicy, Decision
+from keras_vg.clipping.zscore import ZScore
+
+__all__ = ["AGC", "AutoClip", "ClipPolicy", "Decision", "GlobalNorm", "Percentile", "ZScore", "autoclip_for",
+           "write_records"]

@@ -1,0 +1,451 @@
+"""AutoClip inside `fit`: rescue, skipping, distribution, compilation modes, checkpoints, records."""
+
+import os
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import keras_vg
+from keras_vg.clipping import autoclip_for, write_records
+
+pytestmark = pytest.mark.fit
+
+BATCH = 32
+
+
+def regression(batches=12, seed=0):
+    rng = np.random.RandomState(seed)
+    x = rng.randn(BATCH * batches, 8).astype("float32")
+    y = (x @ rng.randn(8, 1)).astype("float32")
+    return x, y
+
+
+def build(optimizer=lambda: keras.optimizers.SGD(0.01), strategy=None, **compile_kwargs):
+    def make():
+        keras.utils.set_random_seed(0)
+        model = keras.Sequential([
+            keras.Input((8,)),
+            keras.layers.Dense(16, activation="tanh"),
+            keras.layers.Dense(1, dtype="float32"),
+        ])
+        model.compile(optimizer=optimizer(), loss="mse", **compile_kwargs)
+        return model
+
+    if strategy is None:
+        return make()
+    with strategy.scope():
+        return make()
+
+
+def two_cpu_strategy():
+    devices = tf.config.list_logical_devices("CPU")
+    if len(devices) < 2:
+        pytest.fail("tests/conftest.py should have configured two logical CPU devices")
+    return tf.distribute.MirroredStrategy([d.name for d in devices[:2]])
+
+
+def fit(model, x, y, callbacks, epochs=1, **kwargs):
+    return model.fit(x, y, batch_size=BATCH, epochs=epochs, shuffle=False, verbose=0, callbacks=callbacks, **kwargs)
+
+
+def snapshot(model):
+    optimizer = model.optimizer
+    return {v.path: v.numpy().copy() for v in list(model.weights) + list(optimizer.variables)}
+
+
+# Rescue ------------------------------------------------------------------------------------
+
+
+def curriculum_data(seed):
+    """40 batches of short sequences (10 steps, pre-padded with zeros), then 24 batches of 80 steps.
+
+    The target is the last input plus half the one before. A linear RNN whose
+    recurrent matrix has gain 1.1 multiplies a gradient by up to 1.1**80 ≈
+    2000 through a long sequence: the first long batch (step 40, after
+    ZClip's 25 warm-up steps) is an explosion of about 1e5 times the usual norm.
+    """
+    rng = np.random.RandomState(seed)
+    x = rng.randn(64 * BATCH, 80, 1).astype("float32")
+    x[: 40 * BATCH, :70] = 0.0
+    return x, (x[:, -1] + 0.5 * x[:, -2]).astype("float32")
+
+
+def recurrent_model(seed):
+    keras.utils.set_random_seed(seed)
+    model = keras.Sequential([
+        keras.Input((80, 1)),
+        keras.layers.SimpleRNN(8, activation="linear", use_bias=False,
+                               recurrent_initializer=keras.initializers.Orthogonal(gain=1.1)),
+        keras.layers.Dense(1),
+    ])
+    model.compile(optimizer=keras.optimizers.SGD(0.005), loss="mse")
+    return model
+
+
+def test_autoclip_rescues_an_exploding_rnn():
+    x, y = curriculum_data(seed=0)
+    plain = recurrent_model(seed=0)
+    fit(plain, x, y, [], epochs=2)
+    plain_loss = plain.evaluate(x, y, verbose=0)
+    assert not np.isfinite(plain_loss) or plain_loss > 1e3
+
+    clipped = recurrent_model(seed=0)
+    clip = keras_vg.AutoClip(verbose=0)  # the defaults: ZScore, armed
+    fit(clipped, x, y, [clip], epochs=2)
+    clipped_loss = clipped.evaluate(x, y, verbose=0)
+    assert clipped_loss < 0.2  # predicting 0 scores 1.25
+    events = clip.drain_events()
+    assert events[0]["kind"] == "clip_on" and events[0]["step"] == 40
+    records = dict(clip.read_new())
+    assert records[40]["global_grad_norm"] > 1e3 * records[39]["global_grad_norm"]
+    # After clipping the norm is at most the threshold, on every clipped step.
+    for step, values in records.items():
+        if values["clipped"]:
+            assert values["global_grad_norm_clipped"] <= values["clip_threshold"] * (1 + 1e-6), step
+        else:
+            assert values["global_grad_norm_clipped"] == values["global_grad_norm"]
+
+
+# Skipping non-finite steps -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["function", "jit", "mirrored"])
+def test_nonfinite_step_leaves_weights_and_optimizer_bit_identical(mode):
+    x, y = regression(batches=4)
+    x[2 * BATCH + 5] = np.nan  # batch 2: a NaN gradient
+    strategy = two_cpu_strategy() if mode == "mirrored" else None
+    model = build(lambda: keras.optimizers.AdamW(0.01, weight_decay=0.1), strategy=strategy,
+                  jit_compile=(mode == "jit"))
+    clip = keras_vg.AutoClip(verbose=0)
+    fit(model, x[: 2 * BATCH], y[: 2 * BATCH], [clip])
+    before = snapshot(model)
+    fit(model, x[2 * BATCH: 3 * BATCH], y[2 * BATCH: 3 * BATCH], [clip])
+    after = snapshot(model)
+    iterations = model.optimizer.iterations.path
+    for path in before:
+        if path == iterations:
+            # A skipped step still counts: every batch keeps its own step number.
+            assert after[path] == before[path] + 1
+        else:
+            np.testing.assert_array_equal(after[path], before[path], err_msg=path)
+    assert [(e["kind"], e["step"]) for e in clip.drain_events()] == [("clip_on", 2), ("skip", 2)]
+    fit(model, x[3 * BATCH:], y[3 * BATCH:], [clip])
+    assert not np.array_equal(snapshot(model)[model.weights[0].path], before[model.weights[0].path])
+
+
+def test_nonfinite_step_is_applied_when_skipping_is_off():
+    x, y = regression(batches=2)
+    x[BATCH + 1] = np.nan
+    model = build()
+    fit(model, x, y, [keras_vg.AutoClip(keras_vg.ZScore(skip_nonfinite=False), verbose=0)])
+    assert np.isnan(model.weights[0].numpy()).any()
+
+
+# Distribution and compilation modes --------------------------------------------------------
+
+
+def clip_every_step():
+    return keras_vg.AutoClip(keras_vg.GlobalNorm(0.5), trigger=None, verbose=0)
+
+
+def test_mirrored_clips_the_summed_gradient_like_one_device():
+    x, y = regression(batches=6)
+    single = build()
+    single_clip = clip_every_step()
+    fit(single, x, y, [single_clip])
+    mirrored = build(strategy=two_cpu_strategy())
+    mirrored_clip = clip_every_step()
+    fit(mirrored, x, y, [mirrored_clip])
+    for a, b in zip(single.weights, mirrored.weights):
+        np.testing.assert_allclose(b.numpy(), a.numpy(), rtol=1e-5, atol=1e-7)
+    single_records, mirrored_records = single_clip.read_new(), mirrored_clip.read_new()
+    assert [s for s, _ in mirrored_records] == list(range(6))
+    for (_, a), (_, b) in zip(single_records, mirrored_records):
+        assert b["clipped"] == a["clipped"] == 1.0
+        np.testing.assert_allclose(b["global_grad_norm"], a["global_grad_norm"], rtol=1e-5)
+        np.testing.assert_allclose(b["global_grad_norm_clipped"], 0.5, rtol=1e-6)
+
+    # Keras's own global_clipnorm clips each replica's half before the sum (tensorflow#33929).
+    keras_clipped = build(lambda: keras.optimizers.SGD(0.01, global_clipnorm=0.5), strategy=two_cpu_strategy())
+    fit(keras_clipped, x, y, [])
+    assert not np.allclose(keras_clipped.weights[0].numpy(), single.weights[0].numpy(), rtol=1e-3)
+
+
+@pytest.mark.parametrize("kwargs", [{"jit_compile": True}, {"steps_per_execution": 3}, {"run_eagerly": True}],
+                         ids=["jit", "steps_per_execution", "eager"])
+def test_compilation_modes_match_tf_function(kwargs):
+    x, y = regression(batches=6)
+    x[4 * BATCH: 5 * BATCH] *= 50.0  # a spike at step 4
+    reference = build()
+    reference_clip = keras_vg.AutoClip(keras_vg.ZScore(warmup=3), verbose=0)
+    fit(reference, x, y, [reference_clip])
+    model = build(**kwargs)
+    clip = keras_vg.AutoClip(keras_vg.ZScore(warmup=3), verbose=0)
+    fit(model, x, y, [clip])
+    for a, b in zip(reference.weights, model.weights):
+        np.testing.assert_allclose(b.numpy(), a.numpy(), rtol=1e-5, atol=1e-7)
+    records, expected = clip.read_new(), reference_clip.read_new()
+    assert [s for s, _ in records] == [s for s, _ in expected] == list(range(6))
+    assert [v["clipped"] for _, v in records] == [v["clipped"] for _, v in expected] == [0, 0, 0, 0, 1, 0]
+    for (_, a), (_, b) in zip(expected, records):
+        np.testing.assert_allclose(list(b.values()), list(a.values()), rtol=1e-5)
+    assert [e["kind"] for e in clip.drain_events()] == ["clip_on"]
+
+
+def test_mixed_float16_clips_the_unscaled_gradient():
+    x, y = regression(batches=3)
+    reference = build()
+    with tf.GradientTape() as tape:
+        loss = keras.losses.mean_squared_error(y[:BATCH], reference(x[:BATCH]))
+        loss = tf.reduce_mean(loss)
+    reference_norm = float(tf.linalg.global_norm(tape.gradient(loss, reference.trainable_variables)))
+
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    model = build()
+    assert isinstance(model.optimizer, keras.optimizers.LossScaleOptimizer)
+    clip = keras_vg.AutoClip(keras_vg.GlobalNorm(0.1), trigger=None, verbose=0)
+    fit(model, x, y, [clip])
+    records = clip.read_new()
+    assert [s for s, _ in records] == [0, 1, 2]
+    # A scaled gradient would be 32768 times larger.
+    np.testing.assert_allclose(records[0][1]["global_grad_norm"], reference_norm, rtol=2e-2)
+    assert all(v["global_grad_norm_clipped"] == pytest.approx(0.1, rel=1e-5) for _, v in records)
+
+
+def test_agc_in_fit_clips_unit_wise_and_spares_the_output_layer():
+    x, y = regression(batches=1)
+    model = build(lambda: keras.optimizers.SGD(0.1))
+    weights = [v.numpy().astype(np.float64) for v in model.trainable_variables]
+    with tf.GradientTape() as tape:
+        loss = tf.reduce_mean(keras.losses.mean_squared_error(y, model(x)))
+    grads = [g.numpy().astype(np.float64) for g in tape.gradient(loss, model.trainable_variables)]
+    clip = keras_vg.AutoClip(keras_vg.AGC(clip_factor=0.01), trigger=None, verbose=0)
+    fit(model, x, y, [clip])
+    for index, (variable, w, g) in enumerate(zip(model.trainable_variables, weights, grads)):
+        if index < 2:  # the hidden layer, unit-wise (AGC, as optax computes it)
+            norms_axes = (0,) if g.ndim == 2 else None
+            g_norm = np.sqrt(np.sum(g * g, axis=norms_axes, keepdims=norms_axes is not None))
+            limit = 0.01 * np.maximum(np.sqrt(np.sum(w * w, axis=norms_axes, keepdims=norms_axes is not None)), 1e-3)
+            assert np.any(g_norm > limit)
+            g = np.where(g_norm < limit, g, g * limit / g_norm)
+        np.testing.assert_allclose(variable.numpy(), w - 0.1 * g, rtol=1e-5, atol=1e-7, err_msg=variable.path)
+    (step, values), = clip.read_new()
+    assert values["clipped"] == 1.0 and np.isnan(values["clip_threshold"])
+
+
+# Switching without retracing ----------------------------------------------------------------
+
+
+def test_switching_on_and_off_does_not_retrace():
+    x, y = regression(batches=16)
+    y[8 * BATCH: 9 * BATCH] *= 100.0  # a spike at step 8
+    model = build(steps_per_execution=2)
+    clip = keras_vg.AutoClip(keras_vg.ZScore(warmup=4), cooldown=3, verbose=0)
+    fit(model, x, y, [clip])
+    fit(model, x, y, [clip])  # a second fit reuses the traced function
+    assert clip.trace_count == 1
+    events = [(e["kind"], e["step"]) for e in clip.drain_events()]
+    assert events[:2] == [("clip_on", 8), ("clip_off", 11)]
+    assert not clip.active
+
+
+@pytest.mark.parametrize("policy", [keras_vg.GlobalNorm(1e-3), keras_vg.AGC(clip_factor=1e-6)],
+                         ids=["global_norm", "agc"])
+def test_armed_policy_clips_nothing_until_a_spike(policy):
+    x, y = regression(batches=12)
+    y[10 * BATCH: 11 * BATCH] *= 100.0
+    model = build()
+    # Both policies would clip every step: armed, they clip nothing until the trigger's spike.
+    clip = keras_vg.AutoClip(policy, trigger=keras_vg.ZScore(warmup=4), verbose=0)
+    fit(model, x, y, [clip])
+    records = clip.read_new()
+    assert [int(v["clipped"]) for _, v in records] == [0] * 10 + [1, 1]
+    # (AGC leaves the output layer alone, which carries most of this norm.)
+    assert all(v["global_grad_norm_clipped"] < v["global_grad_norm"] for _, v in records[10:])
+
+
+# Conflicts ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("argument", ["clipnorm", "clipvalue", "global_clipnorm"])
+def test_optimizer_that_clips_already_is_refused(argument):
+    x, y = regression(batches=1)
+    model = build(lambda: keras.optimizers.SGD(0.01, **{argument: 1.0}))
+    with pytest.raises(ValueError, match=f"Remove `{argument}` from the optimizer. Received: {argument}=1.0"):
+        fit(model, x, y, [keras_vg.AutoClip(verbose=0)])
+
+
+# Checkpoints --------------------------------------------------------------------------------
+
+
+class StopInEpoch(keras.callbacks.Callback):
+    """Interrupts training, as a crash would, at a batch of an epoch."""
+
+    def __init__(self, epoch, batch):
+        super().__init__()
+        self.epoch, self.batch = epoch, batch
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._epoch = epoch
+
+    def on_train_batch_end(self, batch, logs=None):
+        if (self._epoch, batch) == (self.epoch, self.batch):
+            raise RuntimeError("interrupted")
+
+
+def state_of(clip):
+    return {name: v.numpy().copy() for name, v in clip._state.state_variables.items()}
+
+
+def test_backup_and_restore_resumes_history_and_switch(tmp_path):
+    x, y = regression(batches=10)
+    y[6 * BATCH: 7 * BATCH] *= 100.0  # clipping switches on at step 6
+    model = build()
+    clip = keras_vg.AutoClip(keras_vg.Percentile(p=50, history=8), trigger=keras_vg.ZScore(warmup=4), verbose=0)
+    backup = keras.callbacks.BackupAndRestore(str(tmp_path / "backup"))
+    saved = {}
+    keep = keras.callbacks.LambdaCallback(on_epoch_end=lambda epoch, logs: saved.update(state_of(clip)))
+    with pytest.raises(RuntimeError, match="interrupted"):
+        # The backup is taken at the end of the first epoch (10 steps); the second is interrupted.
+        fit(model, x, y, [backup, clip, keep, StopInEpoch(1, 3)],
+            epochs=2)
+    assert saved["active"] == 1.0
+
+    # A fresh process: new model, new callbacks (listed before the backup: order does not matter).
+    keras.backend.clear_session()
+    resumed = build()
+    resumed_clip = keras_vg.AutoClip(keras_vg.Percentile(p=50, history=8), trigger=keras_vg.ZScore(warmup=4),
+                                     verbose=0)
+    seen = {}
+
+    class Peek(keras.callbacks.Callback):
+        def on_train_batch_begin(self, batch, logs=None):
+            seen.setdefault("state", state_of(resumed_clip))
+            seen.setdefault("iterations", int(resumed.optimizer.iterations.numpy()))
+
+    fit(resumed, x, y, [resumed_clip, keras.callbacks.BackupAndRestore(str(tmp_path / "backup")), Peek()],
+        epochs=2)
+    assert seen["iterations"] == 10
+    for name, value in saved.items():
+        np.testing.assert_array_equal(seen["state"][name], value, err_msg=name)
+    assert seen["state"]["active"] == 1.0  # not re-armed
+    # The statistics carried on: the history holds the norms from before the interruption.
+    assert seen["state"]["policy.size"] == 8.0
+
+
+def test_model_checkpoint_weights_carry_the_state(tmp_path):
+    x, y = regression(batches=10)
+    y[6 * BATCH: 7 * BATCH] *= 100.0
+    path = str(tmp_path / "ckpt.weights.h5")
+    model = build()
+    clip = keras_vg.AutoClip(keras_vg.ZScore(warmup=4), verbose=0)
+    fit(model, x, y, [clip, keras.callbacks.ModelCheckpoint(path, save_weights_only=True)])
+    saved = state_of(clip)
+    assert saved["active"] == 1.0
+
+    restored = build()
+    restored_clip = keras_vg.AutoClip(keras_vg.ZScore(warmup=4), verbose=0)
+    restored_clip.set_model(restored)  # attach the state before loading it
+    restored.load_weights(path)
+    for name, value in saved.items():
+        np.testing.assert_array_equal(state_of(restored_clip)[name], value, err_msg=name)
+
+    # Weight files stay compatible both ways, and the model itself is unchanged.
+    plain = build()
+    plain.load_weights(path)
+    assert len(plain.weights) == len(model.weights) and len(plain.layers) == len(model.layers)
+    no_state = str(tmp_path / "plain.weights.h5")
+    plain.save_weights(no_state)
+    fresh = build()
+    fresh_clip = keras_vg.AutoClip(verbose=0)
+    fresh_clip.set_model(fresh)
+    fresh.load_weights(no_state)
+    assert state_of(fresh_clip)["active"] == 0.0
+    model.save(str(tmp_path / "model.keras"))
+    keras.models.load_model(str(tmp_path / "model.keras"))
+
+
+# Records ----------------------------------------------------------------------------------
+
+
+def test_log_dir_records_read_back(tmp_path):
+    x, y = regression(batches=12)
+    y[8 * BATCH: 9 * BATCH] *= 100.0
+    x[10 * BATCH] = np.nan
+    model = build()
+    clip = keras_vg.AutoClip(keras_vg.ZScore(warmup=4), log_dir=tmp_path, every=2, verbose=0)
+    fit(model, x, y, [clip])
+    run = keras_vg.read_run(tmp_path)
+    steps, names, clipped = run.stat("clipped")
+    np.testing.assert_array_equal(steps, [0, 2, 4, 6, 8, 10])
+    assert names == []
+    # Counts since the previous record: the spike at 8, the NaN step at 10 (skipped, not clipped).
+    np.testing.assert_array_equal(clipped, [0, 0, 0, 0, 1, 0])
+    np.testing.assert_array_equal(run.stat("skipped")[2], [0, 0, 0, 0, 0, 1])
+    threshold = run.stat("clip_threshold")[2]
+    assert np.isnan(threshold[:2]).all() and np.isfinite(threshold[2:5]).all()  # warm-up: no threshold
+    pre, post = run.stat("global_grad_norm")[2], run.stat("global_grad_norm_clipped")[2]
+    assert post[4] < pre[4] and post[4] <= threshold[4]
+    assert [(e["kind"], e["step"]) for e in run.events()] == [("clip_on", 8), ("skip", 10)]
+    assert all(e["message"] for e in run.events())
+
+
+class MonitorWithClipping(keras_vg.GradientMonitor):
+    """The integration proposed for GradientMonitor (see docs/CLIPPING.md), applied by subclassing."""
+
+    def _read_and_write(self):
+        clip = autoclip_for(self.model)
+        if clip is not None and clip.log_dir is None:
+            write_records(self._writer, clip.read_new(), clip.drain_events(), with_global_norm=False)
+        super()._read_and_write()
+
+
+@pytest.mark.parametrize("strategy", [None, "mirrored"])
+def test_gradient_monitor_collects_the_clipping_records(tmp_path, strategy):
+    x, y = regression(batches=8)
+    x[6 * BATCH: 7 * BATCH] *= 100.0
+    model = build(strategy=two_cpu_strategy() if strategy else None)
+    clip = keras_vg.AutoClip(keras_vg.ZScore(warmup=3), verbose=0)
+    monitor = MonitorWithClipping(tmp_path, verbose=0)
+    fit(model, x, y, [monitor, clip])
+    assert autoclip_for(model) is clip
+    run = keras_vg.read_run(tmp_path)
+    steps, _, pre = run.stat("global_grad_norm")  # the monitor's, before clipping
+    np.testing.assert_array_equal(steps, np.arange(8))
+    np.testing.assert_array_equal(run.stat("global_grad_norm_clipped")[0], np.arange(8))
+    post = run.stat("global_grad_norm_clipped")[2]
+    np.testing.assert_allclose(post[:6], pre[:6], rtol=1e-5)
+    assert post[6] < pre[6] / 2
+    assert ("clip_on", 6) in [(e["kind"], e["step"]) for e in run.events()]
+    # The clipped gradient is what SGD applied: ‖Δw‖ = lr·(post/pre)·‖g‖ for every variable.
+    ratio, weight_norm, grad_norm = (run.stat(s)[2][6] for s in ("update_ratio", "weight_norm", "grad_norm"))
+    np.testing.assert_allclose(ratio * weight_norm / (0.01 * grad_norm), post[6] / pre[6], rtol=1e-3)
+    monitor.close()
+
+
+def test_a_new_autoclip_replaces_the_previous_one():
+    x, y = regression(batches=3)
+    model = build()
+    first = keras_vg.AutoClip(verbose=0)
+    fit(model, x, y, [first])
+    second = keras_vg.AutoClip(keras_vg.GlobalNorm(1e-3), trigger=None, verbose=0)
+    fit(model, x, y, [second])
+    assert first.trace_count == 1 and second.trace_count == 1
+    assert [v["clipped"] for _, v in second.read_new()] == [1.0, 1.0, 1.0]
+    assert first.read_new()[-1][0] == 2  # the first one saw nothing of the second fit
+    assert len(model.optimizer._keras_vg_stages._stages) == 1
+
+
+def test_fit_twice_and_close_twice():
+    x, y = regression(batches=2)
+    model = build()
+    clip = keras_vg.AutoClip(verbose=0)
+    fit(model, x, y, [clip])
+    fit(model, x, y, [clip])
+    clip.close()
+    clip.close()
+    fit(model, x, y, [])  # runs unclipped, without the hooks
+    assert "_backend_update_step" not in model.optimizer.__dict__
+    assert os.fspath(clip.get_config()["policy"]).startswith("ZScore(")
