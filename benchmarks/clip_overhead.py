@@ -11,8 +11,9 @@ that shows the noise floor of the machine.
 
 The policy arms are armed (the default): training is calm, so they pay for the
 decision every step (global norm, statistics, records) but clip nothing. The
-last arm clips every step (a global-norm threshold below every norm, no
-trigger), which adds one multiplication per gradient.
+last two arms clip every step (no trigger, a bound below every norm): the
+global-norm one adds one multiplication per gradient, the AGC one the
+unit-wise norms of every weight and gradient.
 
 Usage:
     python -u benchmarks/clip_overhead.py                  # the sigmoid MLP, 9 rounds
@@ -46,6 +47,9 @@ ARMS = {
     "AutoClip global_norm": lambda: keras_vg.AutoClip("global_norm", verbose=0),
     "AutoClip global_norm, clipping every step": lambda: keras_vg.AutoClip(
         keras_vg.GlobalNorm(1e-6), trigger=None, verbose=0),
+    # Armed AGC computes nothing unit-wise (see AGC.lazy); switched on, it reads every weight.
+    "AutoClip agc, clipping every step": lambda: keras_vg.AutoClip(
+        keras_vg.AGC(clip_factor=1e-6), trigger=None, verbose=0),
 }
 
 

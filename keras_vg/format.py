@@ -59,6 +59,8 @@ WEIGHT_STATS = ("weight_norm", "update_ratio")
 ACTIVATION_STATS = ("dead_fraction", "saturation_fraction")
 CLIP_STATS = ("global_grad_norm_clipped", "clip_threshold", "clipped", "skipped")
 """Statistics recorded by AutoClip, not by the GradientMonitor's tap (format 1.1)."""
+MONITOR_STATS = tuple(s for s in STATS if s not in CLIP_STATS)
+"""The statistics `GradientMonitor(stats=...)` can record."""
 
 EVENTS_NAME = "events"
 """JSON list of events (alerts, clipping on/off, skipped steps) recorded at a step."""

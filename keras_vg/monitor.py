@@ -67,13 +67,14 @@ class GradientMonitor(keras.callbacks.Callback):
         if isinstance(every, bool) or not isinstance(every, (int, np.integer)) or every < 1:
             raise ValueError(f"`every` must be an integer >= 1. Received: every={every!r}")
         if stats is None:
-            stats = fmt.STATS
+            stats = fmt.MONITOR_STATS
         elif isinstance(stats, str):
             raise ValueError(f"`stats` must be a list of names, not a string. Received: stats={stats!r}")
-        unknown = [s for s in stats if s not in fmt.STAT_AXES]
+        unknown = [s for s in stats if s not in fmt.MONITOR_STATS]
         if unknown or not stats:
             raise ValueError(
-                f"`stats` must be a non-empty list drawn from {list(fmt.STATS)}. Received: stats={list(stats)!r}"
+                f"`stats` must be a non-empty list drawn from {list(fmt.MONITOR_STATS)} (AutoClip records the "
+                f"clipping statistics). Received: stats={list(stats)!r}"
             )
         if not 0 < saturation_epsilon < 0.5:
             raise ValueError(
@@ -91,7 +92,7 @@ class GradientMonitor(keras.callbacks.Callback):
             raise ValueError(f"`flush_secs` must be > 0. Received: flush_secs={flush_secs!r}")
         self.log_dir = os.fspath(log_dir)
         self.every = int(every)
-        self.stats = tuple(s for s in fmt.STATS if s in stats)
+        self.stats = tuple(s for s in fmt.MONITOR_STATS if s in stats)
         self.saturation_epsilon = saturation_epsilon
         self.thresholds = thresholds
         self.verbose = verbose
@@ -100,6 +101,7 @@ class GradientMonitor(keras.callbacks.Callback):
         self._writer = None
         self._detector = None
         self._traced_train_function = None
+        self._autoclip = None
 
     # Keras hooks ---------------------------------------------------------------
 
@@ -113,6 +115,7 @@ class GradientMonitor(keras.callbacks.Callback):
         self._checked_apply = False
         self._writer = EventWriter(self.log_dir, flush_secs=self.flush_secs)
         self._guard(self._begin)
+        self._guard(self._lend_writer_to_autoclip)
 
     def on_epoch_begin(self, epoch, logs=None):
         self._last_batch = -1
@@ -148,6 +151,11 @@ class GradientMonitor(keras.callbacks.Callback):
     def on_train_end(self, logs=None):
         if self.tap is not None and not self._failed:
             self._guard(self._read_and_write)
+        if self._autoclip is not None:
+            # AutoClip's own on_train_end may come after this one: take its last records first.
+            self._guard(self._autoclip.write_pending)
+            self._autoclip.write_into(None)
+            self._autoclip = None
         if self._writer is not None:
             self._guard(self._writer.close)
         if self.verbose and self._detector is not None:
@@ -188,6 +196,15 @@ class GradientMonitor(keras.callbacks.Callback):
         self._host_step = step
         self._writer.write_json(fmt.MODEL_NAME, step, summarize_model(self.model))
         self._writer.flush()
+
+    def _lend_writer_to_autoclip(self):
+        """Has the model's `AutoClip`, if any, write its records and events into this run."""
+        from keras_vg.clipping import autoclip_for
+
+        clip = autoclip_for(self.model)
+        if clip is not None and clip.log_dir is None:
+            clip.write_into(self._writer, with_global_norm="global_grad_norm" not in self.stats or self.tap is None)
+            self._autoclip = clip
 
     def _tap_is_reusable(self, capacity):
         """A later fit of the same model reuses the traced function: no retrace per fit."""

@@ -8,7 +8,7 @@ import pytest
 import tensorflow as tf
 
 import keras_vg
-from keras_vg.clipping import autoclip_for, write_records
+from keras_vg.clipping import autoclip_for
 
 pytestmark = pytest.mark.fit
 
@@ -392,24 +392,16 @@ def test_log_dir_records_read_back(tmp_path):
     assert all(e["message"] for e in run.events())
 
 
-class MonitorWithClipping(keras_vg.GradientMonitor):
-    """The integration proposed for GradientMonitor (see docs/CLIPPING.md), applied by subclassing."""
-
-    def _read_and_write(self):
-        clip = autoclip_for(self.model)
-        if clip is not None and clip.log_dir is None:
-            write_records(self._writer, clip.read_new(), clip.drain_events(), with_global_norm=False)
-        super()._read_and_write()
-
-
-@pytest.mark.parametrize("strategy", [None, "mirrored"])
-def test_gradient_monitor_collects_the_clipping_records(tmp_path, strategy):
+@pytest.mark.parametrize("strategy, monitor_first", [(None, True), (None, False), ("mirrored", True)],
+                         ids=["monitor_first", "autoclip_first", "mirrored"])
+def test_gradient_monitor_collects_the_clipping_records(tmp_path, strategy, monitor_first):
     x, y = regression(batches=8)
     x[6 * BATCH: 7 * BATCH] *= 100.0
     model = build(strategy=two_cpu_strategy() if strategy else None)
     clip = keras_vg.AutoClip(keras_vg.ZScore(warmup=3), verbose=0)
-    monitor = MonitorWithClipping(tmp_path, verbose=0)
-    fit(model, x, y, [monitor, clip])
+    monitor = keras_vg.GradientMonitor(tmp_path, verbose=0)
+    # Whichever callback ends first, the last records reach the monitor's file.
+    fit(model, x, y, [monitor, clip] if monitor_first else [clip, monitor])
     assert autoclip_for(model) is clip
     run = keras_vg.read_run(tmp_path)
     steps, _, pre = run.stat("global_grad_norm")  # the monitor's, before clipping
@@ -423,6 +415,30 @@ def test_gradient_monitor_collects_the_clipping_records(tmp_path, strategy):
     ratio, weight_norm, grad_norm = (run.stat(s)[2][6] for s in ("update_ratio", "weight_norm", "grad_norm"))
     np.testing.assert_allclose(ratio * weight_norm / (0.01 * grad_norm), post[6] / pre[6], rtol=1e-3)
     monitor.close()
+
+
+def test_recording_failure_warns_and_clipping_goes_on(tmp_path, monkeypatch):
+    from keras_vg.event_writer import EventWriter
+
+    x, y = regression(batches=6)
+    reference = build()
+    fit(reference, x, y, [clip_every_step()])
+
+    original = EventWriter.write_record
+
+    def failing_after_step_2(self, step, *args, **kwargs):
+        if step > 2:
+            raise OSError("disk full")
+        return original(self, step, *args, **kwargs)
+
+    monkeypatch.setattr(EventWriter, "write_record", failing_after_step_2)
+    model = build()
+    clip = keras_vg.AutoClip(keras_vg.GlobalNorm(0.5), trigger=None, log_dir=tmp_path, verbose=0)
+    with pytest.warns(UserWarning, match="AutoClip stopped recording after an error: OSError: disk full"):
+        fit(model, x, y, [clip])
+    for a, b in zip(reference.weights, model.weights):  # every step was still clipped
+        np.testing.assert_allclose(b.numpy(), a.numpy(), rtol=1e-6)
+    np.testing.assert_array_equal(keras_vg.read_run(tmp_path).stat("clipped")[0], [0, 1, 2])
 
 
 def test_a_new_autoclip_replaces_the_previous_one():

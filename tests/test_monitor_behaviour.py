@@ -40,6 +40,7 @@ def classification_data(n=512):
     ({"every": 2.5}, "Received: every=2.5"),
     ({"stats": ["grad_norm", "gradnorm"]}, "`stats` must be a non-empty list drawn from"),
     ({"stats": "grad_norm"}, "not a string"),
+    ({"stats": ["clipped"]}, "AutoClip records the clipping statistics"),
     ({"saturation_epsilon": 0.7}, "saturation_epsilon"),
     ({"verbose": 3}, "`verbose` must be 0 or 1"),
     ({"thresholds": {"vanishing_ratio": 1e-4}}, "`thresholds` must be a keras_vg.detect.Thresholds"),

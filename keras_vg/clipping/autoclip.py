@@ -231,6 +231,8 @@ class AutoClip(keras.callbacks.Callback):
         self._undo = []
         self._flag = threading.local()
         self._writer = None
+        self._shared = None  # (writer, with_global_norm) lent by a GradientMonitor
+        self._failed = False
         self._last_read_step = -1
         self._event_cursor = 0
         self._print_cursor = 0
@@ -303,6 +305,7 @@ class AutoClip(keras.callbacks.Callback):
         self._last_batch = -1
         self._pending_steps = 0
         self._last_read = time.monotonic()
+        self._failed = False
         if not self._is_installed(applying):
             self._install(applying)
 
@@ -546,7 +549,7 @@ class AutoClip(keras.callbacks.Callback):
     # Keras hooks -----------------------------------------------------------------------
 
     def on_train_batch_end(self, batch, logs=None):
-        if self._buffers is None or (self.log_dir is None and not self.verbose):
+        if self._buffers is None or (self.log_dir is None and self._shared is None and not self.verbose):
             return
         executed = batch - self._last_batch
         self._last_batch = batch
@@ -568,26 +571,56 @@ class AutoClip(keras.callbacks.Callback):
             self._writer.close()
 
     def _read_and_write(self):
-        if self._buffers is None:
+        if self._buffers is None or self._failed:
             return
         self._pending_steps = 0
         self._last_read = time.monotonic()
-        if self.verbose:
-            events, self._print_cursor = self._events_since(self._print_cursor)
-            for event in events:
-                print(f"keras-vg AutoClip: {event['message']}", file=sys.stderr)
-        if self.log_dir is not None:
-            self._write(self.read_new(), self.drain_events())
+        try:
+            if self.verbose:
+                events, self._print_cursor = self._events_since(self._print_cursor)
+                for event in events:
+                    print(f"keras-vg AutoClip: {event['message']}", file=sys.stderr)
+            if self.log_dir is not None or self._shared is not None:
+                self._write(self.read_new(), self.drain_events())
+        except Exception as error:  # noqa: BLE001 - recording must not kill training; clipping goes on
+            self._failed = True
+            warnings.warn(
+                f"AutoClip stopped recording after an error: {type(error).__name__}: {error}. "
+                "Clipping goes on; records written so far are kept.",
+                stacklevel=2,
+            )
 
     def _write(self, records, events):
         if not records and not events:
             return
-        if self._writer is None:
-            from keras_vg.event_writer import EventWriter
+        if self.log_dir is not None:
+            if self._writer is None:
+                from keras_vg.event_writer import EventWriter
 
-            self._writer = EventWriter(self.log_dir)  # created lazily: no event file when not needed
-        write_records(self._writer, records, events)
-        self._writer.flush()
+                self._writer = EventWriter(self.log_dir)  # created lazily: no event file when not needed
+            writer, with_global_norm = self._writer, True
+        else:
+            writer, with_global_norm = self._shared
+        write_records(writer, records, events, with_global_norm)
+        writer.flush()
+
+    def write_into(self, writer, with_global_norm=False):
+        """Writes the records and events into another run's writer from now on (None: stop).
+
+        `GradientMonitor` lends its writer this way, so that the clipping
+        records land in its run, and takes it back before closing it. An
+        `AutoClip` with its own `log_dir` keeps writing there.
+
+        Args:
+            writer: A `keras_vg.event_writer.EventWriter`, or None.
+            with_global_norm: Also write the pre-clip `global_grad_norm`
+                (when the writer's owner does not). Defaults to `False`.
+        """
+        self._shared = None if writer is None else (writer, with_global_norm)
+
+    def write_pending(self):
+        """Reads and writes what the device buffers hold now (called by `GradientMonitor`)."""
+        self._read_and_write()
 
     def close(self):
         """Removes the hooks and closes the writer. Calling it twice is harmless."""
