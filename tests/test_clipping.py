@@ -367,6 +367,27 @@ def test_model_checkpoint_weights_carry_the_state(tmp_path):
     keras.models.load_model(str(tmp_path / "model.keras"))
 
 
+def test_mirrored_state_is_restored_on_every_replica(tmp_path):
+    x, y = regression(batches=10)
+    y[6 * BATCH: 7 * BATCH] *= 100.0
+    strategy = two_cpu_strategy()
+    model = build(strategy=strategy)
+    clip = keras_vg.AutoClip(keras_vg.ZScore(warmup=4), verbose=0)
+    fit(model, x, y, [clip])
+    saved = state_of(clip)
+    assert saved["active"] == 1.0
+    path = str(tmp_path / "mirrored.weights.h5")
+    model.save_weights(path)
+
+    restored = build(strategy=strategy)
+    restored_clip = keras_vg.AutoClip(keras_vg.ZScore(warmup=4), verbose=0)
+    restored_clip.set_model(restored)
+    restored.load_weights(path)
+    for name, variable in restored_clip._state.state_variables.items():
+        for replica_value in strategy.experimental_local_results(variable):
+            np.testing.assert_array_equal(np.asarray(replica_value), saved[name], err_msg=name)
+
+
 # Records ----------------------------------------------------------------------------------
 
 
