@@ -287,6 +287,7 @@ def test_sparse_gradients_are_scaled_by_their_values():
     (lambda: keras_vg.AutoClip(policy="zclip"), "Received: policy='zclip'"),
     (lambda: keras_vg.AutoClip(trigger="sometimes"), "Received: trigger='sometimes'"),
     (lambda: keras_vg.AutoClip(cooldown=0), "Received: cooldown=0"),
+    (lambda: keras_vg.AutoClip(trigger=None, cooldown=3), "`cooldown` needs a trigger"),
     (lambda: keras_vg.AutoClip(every=0), "Received: every=0"),
     (lambda: keras_vg.AutoClip(verbose=2), "Received: verbose=2"),
     (lambda: keras_vg.AutoClip(log_dir=""), "Received: log_dir=''"),

@@ -186,7 +186,7 @@ class AutoClip(keras.callbacks.Callback):
             from the first step (plain clipping, as in the papers). Non-finite
             gradients always switch clipping on. Defaults to `"spike"`.
         cooldown: Calm steps in a row after which clipping switches off, or
-            None to keep it on. Defaults to `None`.
+            None to keep it on. Needs a trigger. Defaults to `None`.
         log_dir: Directory to write the records into (one TensorBoard run),
             for use without a `GradientMonitor`. Defaults to `None`.
         every: Record every `every`-th optimizer step. Defaults to `1`.
@@ -214,6 +214,12 @@ class AutoClip(keras.callbacks.Callback):
             self.trigger, self._armed = _resolve(trigger, "trigger"), True
         if cooldown is not None:
             check_positive("cooldown", cooldown, integer=True)
+            if not self._armed:
+                # Without a trigger clipping is always on: nothing could switch it on again.
+                raise ValueError(
+                    "`cooldown` needs a trigger that switches clipping on again; with trigger=None clipping "
+                    f"is always on. Received: trigger=None, cooldown={cooldown!r}"
+                )
         if log_dir is not None and (not isinstance(log_dir, (str, os.PathLike)) or not os.fspath(log_dir)):
             raise ValueError(f"`log_dir` must be a non-empty path or None. Received: log_dir={log_dir!r}")
         check_positive("every", every, integer=True)
