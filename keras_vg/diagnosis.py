@@ -6,7 +6,10 @@ that `GradientMonitor` writes (`keras_vg.model_summary`), names the layers'
 activations and initialisers, and picks the remedies that fit the model: no
 BatchNormalization advice for a model that has it, LSTM/GRU for a SimpleRNN,
 clipping for exploding gradients, He initialisation with ReLU-family
-activations. TensorFlow-free, like the reader.
+activations. Where `keras_vg.AutoClip` wrote into the run, it reports when
+clipping switched on and off and what it clipped and skipped, and judges
+each exploding finding by the updates clipping let through instead of
+suggesting clipping again. TensorFlow-free, like the reader.
 
 Example:
 
@@ -32,6 +35,16 @@ SCALED_INITS = frozenset({"GlorotUniform", "GlorotNormal", "HeUniform", "HeNorma
                           "LecunNormal", "Orthogonal", "VarianceScaling"})
 HE_INITS = frozenset({"HeUniform", "HeNormal"})
 CLIP_EVENT_KINDS = ("clip_on", "clip_off", "skip")
+# The clipping remedy by how the run's AutoClip fared (`remedies_for`'s `clipping`).
+CLIPPING_REMEDIES = {
+    None: ("clipping", "gradient clipping that switches on when gradients explode: "
+                       "add keras_vg.AutoClip() to callbacks"),
+    "armed": ("clip_earlier", "clipping from the first step, which a spike trigger cannot do during its "
+                              "warm-up: keras_vg.AutoClip(\"percentile\", trigger=None)"),
+    "loose": ("tighter_clipping", "a lower clipping threshold: a fixed one below this run's, "
+                                  "keras_vg.AutoClip(keras_vg.GlobalNorm(threshold=...)), or a smaller "
+                                  "z (ZScore) or p (Percentile)"),
+}
 
 _VERBS = {
     "vanishing": "gradients vanish",
@@ -48,8 +61,9 @@ class Remedy:
     """One remedy: a stable `key` for code and a `text` for people.
 
     Keys: `gating`, `relu_he`, `he_init`, `scaled_init`, `batch_norm`,
-    `residual`, `fewer_layers`, `clipping`, `lower_lr`, `leaky`,
-    `check_data`, `scale_inputs`, `adaptive_optimizer`, `output_layer`.
+    `residual`, `fewer_layers`, `clipping`, `clip_earlier`,
+    `tighter_clipping`, `lower_lr`, `leaky`, `check_data`, `scale_inputs`,
+    `adaptive_optimizer`, `output_layer`.
     """
 
     key: str
@@ -77,6 +91,11 @@ class Finding:
         first_last_ratio: For `vanishing`: the median, over the episode's
             steps, of the first kernel's grad norm over the last kernel's;
             None otherwise.
+        clipped: For `exploding` and `nonfinite` in a run with
+            `keras_vg.AutoClip`: the steps it clipped during the episode
+            (from its `clipped` records); None otherwise.
+        skipped: Likewise, the non-finite steps it skipped during the
+            episode; None otherwise.
         remedies: `Remedy` tuple, the most fitting first.
         episode: The `detect.Episode` itself (variable names and message).
         message: The finding in plain words, remedies included.
@@ -94,9 +113,87 @@ class Finding:
     activations: tuple
     initializers: tuple
     first_last_ratio: float | None
+    clipped: int | None
+    skipped: int | None
     remedies: tuple
     episode: detect.Episode
     message: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Clipping:
+    """What `keras_vg.AutoClip` did in a run, read from its records and events.
+
+    Attributes:
+        events: Its events (`clip_on`, `clip_off`, `skip`), dicts from
+            `Run.events()` by step, with `global_grad_norm` and
+            `clip_threshold` (None where not finite).
+        switched_on: Steps at which clipping switched on.
+        switched_off: Steps at which it switched off again (armed).
+        on_from_start: True when it clipped before any switch (`AutoClip(
+            trigger=None)`).
+        clipped: Steps clipped: the sum of the `clipped` records.
+        clipped_range: `(first, last)` recorded steps whose record counts a
+            clipped step (with `every > 1`, a record counts the steps since
+            the previous one), or None.
+        skipped: Non-finite steps skipped and not applied: the sum of the
+            `skipped` records (the `skip` events where there are no records).
+        skipped_steps: The steps of the `skip` events.
+        on_at_end: Whether clipping was on at the run's last step.
+        records: `{"clipped": (steps, values), "skipped": ...}`, the records
+            behind the counts (`Run.stat`'s steps and values).
+    """
+
+    events: tuple
+    switched_on: tuple
+    switched_off: tuple
+    on_from_start: bool
+    clipped: int
+    clipped_range: tuple | None
+    skipped: int
+    skipped_steps: tuple
+    on_at_end: bool
+    records: dict = dataclasses.field(repr=False, compare=False)
+
+    def on_at(self, step):
+        """Whether clipping was on at `step`: from a `clip_on` step on, up to a `clip_off` step included."""
+        on = self.on_from_start
+        for event in self.events:
+            if event["step"] > step or (event["step"] == step and event["kind"] == "clip_off"):
+                break
+            if event["kind"] != "skip":
+                on = event["kind"] == "clip_on"
+        return on
+
+    def count(self, name, steps):
+        """The sum of the `clipped` or `skipped` records at these steps."""
+        if name in self.records:
+            recorded, values = self.records[name]
+            return int(np.nansum(values[np.isin(recorded, steps)]))
+        # Events only (no records): each skip event is one skipped step.
+        return sum(e["kind"] == "skip" and e["step"] in steps for e in self.events) if name == "skipped" else 0
+
+    def text(self):
+        """One line for the report: switches, counts and step ranges, the state at the end."""
+        switches = [e for e in self.events if e["kind"] != "skip"]
+        if switches:
+            parts = [", ".join(_switch(e) for e in switches[:6])
+                     + (f" and {len(switches) - 6} more switches" if len(switches) > 6 else "")]
+        else:
+            parts = ["on from the first step" if self.on_from_start else "armed, never switched on"]
+        if self.clipped:
+            first, last = self.clipped_range
+            parts.append(f"clipped {_steps(self.clipped)}, {_when(first, last, False)}")
+        else:
+            parts.append("clipped no step")
+        if self.skipped:
+            listed = ", ".join(str(s) for s in self.skipped_steps[:5])
+            listed += ", ..." if len(self.skipped_steps) > 5 else ""
+            parts.append(f"skipped {_steps(self.skipped, 'non-finite ')}" + (f" (at {listed})" if listed else ""))
+        if switches:
+            parts.append("on at the last step" if self.on_at_end
+                         else f"off (armed) from step {switches[-1]['step']} on")
+        return "Clipping (keras_vg.AutoClip): " + "; ".join(parts) + "."
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,8 +209,8 @@ class Diagnosis:
         first_last_ratio: Median over the run of the first kernel's grad
             norm over the last kernel's (None without `grad_norm`).
         findings: `Finding` tuple, by first step, most serious kind first.
-        clipping: Clipping events (`clip_on`, `clip_off`, `skip`) recorded
-            by `keras_vg.AutoClip`, as dicts from `Run.events()`.
+        clipping: What `keras_vg.AutoClip` did (a `Clipping`), or None when
+            the run has no AutoClip records.
         thresholds: The `detect.Thresholds` used.
     """
 
@@ -123,7 +220,7 @@ class Diagnosis:
     last_step: int | None
     first_last_ratio: float | None
     findings: tuple
-    clipping: tuple
+    clipping: Clipping | None
     thresholds: detect.Thresholds
 
     @property
@@ -147,7 +244,8 @@ class Diagnosis:
         lines.append(overview + ".")
         if self.model is None:
             lines.append("This run has no model summary: the remedies below are generic.")
-        lines.extend(_clipping_lines(self.clipping))
+        if self.clipping is not None:
+            lines.append(self.clipping.text())
         if not self.findings:
             lines.append("")
             lines.append("No findings: no vanishing, exploding or non-finite gradients, dead or saturated "
@@ -194,7 +292,8 @@ def diagnose(run, thresholds=None):
     summary = run.model()
     layers = _Layers(summary)
     norm = run.stat("grad_norm") if "grad_norm" in run.stats() else None
-    clipping = tuple(e for e in run.events() if e.get("kind") in CLIP_EVENT_KINDS)
+    update = run.stat("update_ratio") if "update_ratio" in run.stats() else None
+    clipping = _clipping(run)
     all_steps = [g.steps for g in (classification.variables, classification.layers, classification.global_norm)
                  if len(g.steps)]
     steps = np.unique(np.concatenate(all_steps)) if all_steps else np.zeros(0, np.int64)
@@ -204,7 +303,8 @@ def diagnose(run, thresholds=None):
     for episode in episodes:
         grid = {"layer": classification.layers, "global": classification.global_norm}.get(
             episode.scope, classification.variables)
-        findings.append(_finding(episode, grid, layers, norm, clipping, summary, vanishing))
+        findings.append(_finding(episode, grid, layers, norm, update, clipping, summary, vanishing,
+                                 classification.thresholds))
     return Diagnosis(
         log_dir=run.log_dir,
         model=summary,
@@ -322,7 +422,11 @@ def _when(finding_first, finding_last, ongoing):
     return f"at steps {finding_first}-{finding_last}"
 
 
-def _finding(episode, grid, layers, norm, clipping, summary, vanishing):
+def _steps(count, adjective=""):
+    return f"{count} {adjective}step{'' if count == 1 else 's'}"
+
+
+def _finding(episode, grid, layers, norm, update, clipping, summary, vanishing, thresholds):
     candidates = layers.names_of(grid.names, episode.scope) if episode.scope != "global" else []
     concerned = tuple(layers.names_of(episode.names, episode.scope)) if episode.scope != "global" else ()
     activations, initializers = layers.describe(concerned)
@@ -330,7 +434,10 @@ def _finding(episode, grid, layers, norm, clipping, summary, vanishing):
     ratio = None
     if episode.kind == "vanishing":
         ratio = first_last_ratio(norm, episode.first_step, episode.last_step)
-    remedies = remedies_for(episode.kind, concerned, summary, clipping=bool(clipping))
+    clipped = skipped = clip_line = clip_state = None
+    if clipping is not None and episode.kind in ("exploding", "nonfinite"):
+        clipped, skipped, clip_line, clip_state = _clipping_during(episode, grid.steps, update, clipping, thresholds)
+    remedies = remedies_for(episode.kind, concerned, summary, clipping=clip_state)
     consequence = episode.kind == "stalled" and concerned and set(concerned) <= vanishing
     if consequence:  # the vanishing finding lists the shared remedies; keep only the extra ones
         shared = {r.key for r in remedies_for("vanishing", concerned, summary)}
@@ -355,6 +462,8 @@ def _finding(episode, grid, layers, norm, clipping, summary, vanishing):
     measured = episode.message.split(": ", 1)[-1].rstrip(".")
     lines = [f"{detect.KIND_TITLES[episode.kind]} - {headline}.",
              f"  Measured: {measured}."]
+    if clip_line:
+        lines.append(clip_line)
     if remedies:
         lines.append("  Remedies for this model: " + "; ".join(r.text for r in remedies) + ".")
     return Finding(
@@ -362,24 +471,84 @@ def _finding(episode, grid, layers, norm, clipping, summary, vanishing):
         first_step=episode.first_step, last_step=episode.last_step, ongoing=ongoing,
         rule=episode.rule, figure=episode.figure, threshold=episode.threshold,
         activations=activations, initializers=initializers, first_last_ratio=ratio,
-        remedies=remedies, episode=episode, message="\n".join(lines),
+        clipped=clipped, skipped=skipped, remedies=remedies, episode=episode, message="\n".join(lines),
     )
+
+
+def _clipping(run):
+    """The run's `Clipping`, or None when no `keras_vg.AutoClip` recorded into it."""
+    events = tuple(e for e in run.events() if e.get("kind") in CLIP_EVENT_KINDS)
+    records = {}
+    for name in ("clipped", "skipped"):
+        if name in run.stats():
+            steps, _, values = run.stat(name)
+            records[name] = (steps, values)
+    if not events and not records:
+        return None
+    switches = [e for e in events if e["kind"] != "skip"]
+    steps, counts = records.get("clipped", (np.zeros(0, np.int64), np.zeros(0, np.float32)))
+    clipped_at = steps[counts > 0]
+    clipped = int(np.nansum(counts))
+    # Without a trigger, clipping is on from the first step and no clip_on is recorded.
+    on_from_start = switches[0]["kind"] == "clip_off" if switches else clipped > 0
+    skipped_steps = tuple(e["step"] for e in events if e["kind"] == "skip")
+    return Clipping(
+        events=events,
+        switched_on=tuple(e["step"] for e in switches if e["kind"] == "clip_on"),
+        switched_off=tuple(e["step"] for e in switches if e["kind"] == "clip_off"),
+        on_from_start=on_from_start,
+        clipped=clipped,
+        clipped_range=(int(clipped_at[0]), int(clipped_at[-1])) if clipped_at.size else None,
+        skipped=int(np.nansum(records["skipped"][1])) if "skipped" in records else len(skipped_steps),
+        skipped_steps=skipped_steps,
+        on_at_end=switches[-1]["kind"] == "clip_on" if switches else on_from_start,
+        records=records,
+    )
+
+
+def _clipping_during(episode, recorded, update, clipping, thresholds):
+    """How AutoClip fared in an exploding or non-finite episode.
+
+    Returns:
+        `(clipped, skipped, line, state)`: the steps it clipped and skipped
+        during the episode, the report's line on it, and `remedies_for`'s
+        `clipping` argument.
+    """
+    steps = [int(s) for s in recorded if episode.first_step <= s <= episode.last_step]
+    on = [s for s in steps if clipping.on_at(s)]
+    clipped, skipped = clipping.count("clipped", steps), clipping.count("skipped", steps)
+    if not on:
+        never = "" if clipping.switched_on or clipping.on_from_start else " (it never switched on)"
+        return clipped, skipped, f"  Clipping: AutoClip was armed but not on during these steps{never}.", "armed"
+    if len(on) == len(steps):
+        line = (f"  Clipping: AutoClip was on throughout; it clipped {clipped} and skipped {skipped} of the "
+                f"{len(steps)} recorded steps of this episode")
+    else:
+        line = (f"  Clipping: AutoClip was on at {len(on)} of the {len(steps)} recorded steps of this episode; "
+                f"it clipped {clipped} and skipped {skipped} of them")
+    state = "bounded"
+    # The update ratio is measured after clipping: whether the steps it let through were still too
+    # large. Weight matrices only: a bias near 0 has a huge ratio for a tiny update (DIAGNOSIS.md).
+    limit = thresholds.exploding_update_ratio
+    if update is not None and limit is not None:
+        update_steps, names, values = update
+        at = np.isin(update_steps, on)
+        kernels = [i for i, name in enumerate(names) if name.rsplit("/", 1)[-1].endswith("kernel")]
+        update_steps, values = update_steps[at], values[at][:, kernels or slice(None)]
+        peak = np.max(np.where(np.isnan(values), -np.inf, values), axis=1, initial=-np.inf)
+        if peak.size and peak.max() > -np.inf:  # NaN is a zero weight's ratio: no figure there
+            worst = int(np.argmax(peak))
+            if peak[worst] > limit:
+                state = "loose"
+                line += (f"; the weight updates still exploded (update ratio up to {peak[worst]:.2g} at step "
+                         f"{update_steps[worst]}, threshold {limit:.2g})")
+            else:
+                line += f"; the weight updates stayed bounded (update ratio at most {peak[worst]:.2g})"
+    return clipped, skipped, line + ".", state
 
 
 # ---------------------------------------------------------------------------
 # Remedies.
-
-
-def _clipping_remedy():
-    # ---- AutoClip: the place for keras_vg.AutoClip (another engineer's issue). -------------
-    # Checked through `__all__` so that the diagnosis stays TensorFlow-free: getattr would
-    # import keras_vg.clipping. Once AutoClip exists, the remedy names it; until then, the
-    # optimizer's own fixed clipping.
-    import keras_vg
-
-    if "AutoClip" in keras_vg.__all__:
-        return Remedy("clipping", "gradient clipping that adapts to the run: add keras_vg.AutoClip() to callbacks")
-    return Remedy("clipping", "gradient clipping, e.g. the optimizer's global_clipnorm=1.0")
 
 
 def _facts(layer_names, summary):
@@ -414,16 +583,19 @@ def _facts(layer_names, summary):
     }
 
 
-def remedies_for(kind, layer_names, summary, clipping=False):
+def remedies_for(kind, layer_names, summary, clipping=None):
     """Picks the remedies that fit a finding in this model.
 
     Args:
         kind: A finding kind (`detect.KINDS`).
         layer_names: The layers concerned.
         summary: The model summary, or None (generic remedies).
-        clipping: Whether the run already clipped (AutoClip events were
-            recorded): clipping is then not suggested again. Defaults to
-            `False`.
+        clipping: How `keras_vg.AutoClip` fared during an exploding or
+            non-finite finding: None where the run has no AutoClip
+            (`clipping`: add it), `"armed"` where it was not on then
+            (`clip_earlier`), `"loose"` where the updates still exploded
+            with clipping on (`tighter_clipping`), `"bounded"` where it kept
+            them bounded (nothing about clipping). Defaults to `None`.
 
     Returns:
         A list of `Remedy`, the most fitting first.
@@ -435,6 +607,8 @@ def remedies_for(kind, layer_names, summary, clipping=False):
     >>> [r.key for r in remedies_for("exploding", ["rnn"], summary)][:2]
     ['clipping', 'gating']
     """
+    if clipping not in CLIPPING_REMEDIES and clipping != "bounded":
+        raise ValueError(f"`clipping` must be None, 'armed', 'loose' or 'bounded'. Received: clipping={clipping!r}")
     f = _facts(layer_names, summary)
     generic = not f["known"]
     out = []
@@ -469,8 +643,8 @@ def remedies_for(kind, layer_names, summary, clipping=False):
             add("fewer_layers", f"fewer layers{detail}")
 
     def clip():
-        if not clipping:
-            out.append(_clipping_remedy())
+        if clipping in CLIPPING_REMEDIES:
+            add(*CLIPPING_REMEDIES[clipping])
 
     def lower_lr(why=""):
         optimizer = f" for {f['optimizer']}" if f["optimizer"] else ""
@@ -530,12 +704,13 @@ def _model_line(summary):
     return f"Model: {summary.get('name', '?')} ({layers}){optimizer}"
 
 
-def _clipping_lines(events):
-    # ---- AutoClip: its events (clip_on / clip_off / skip) as keras_vg.AutoClip records them. ----
-    if not events:
-        return []
-    counts = {}
-    for event in events:
-        counts.setdefault(event["kind"], []).append(event["step"])
-    parts = [f"{kind} x{len(steps)} (first at step {steps[0]})" for kind, steps in counts.items()]
-    return ["Clipping events: " + ", ".join(parts) + "."]
+def _switch(event):
+    """`on at step 40 (global norm 2.3e+05, threshold 12)` or `off at step 80`."""
+    if event["kind"] == "clip_off":
+        return f"off at step {event['step']}"
+    if "global_grad_norm" in event and event["global_grad_norm"] is None:
+        return f"on at step {event['step']} (non-finite gradient)"
+    figures = [f"{label} {event[key]:.2g}" for label, key in (("global norm", "global_grad_norm"),
+                                                             ("threshold", "clip_threshold"))
+               if event.get(key) is not None]
+    return f"on at step {event['step']}" + (f" ({', '.join(figures)})" if figures else "")

@@ -292,32 +292,74 @@ def test_repeated_episodes_state_their_remedies_once(tmp_path):
 
 
 # ---------------------------------------------------------------------------
-# AutoClip: clipping advice and clipping events (keras_vg.AutoClip is another issue's work).
+# Clipping: advice by how the run's keras_vg.AutoClip fared (its records: tests/test_report_clipping.py).
 
 
-def test_clipping_remedy_names_autoclip_once_it_exists(monkeypatch):
+def test_clipping_remedies_by_how_autoclip_fared():
     summary = _summary([_layer("dense")])
-    [clip] = [r for r in remedies_for("exploding", ["dense"], summary) if r.key == "clipping"]
-    if "AutoClip" not in keras_vg.__all__:
-        assert "global_clipnorm" in clip.text
-    monkeypatch.setattr(keras_vg, "__all__", list(keras_vg.__all__) + ["AutoClip"])
+
+    def keys(clipping):
+        return [r.key for r in remedies_for("exploding", ["dense"], summary, clipping=clipping)]
+
     [clip] = [r for r in remedies_for("exploding", ["dense"], summary) if r.key == "clipping"]
     assert "keras_vg.AutoClip()" in clip.text
+    assert keys("armed")[0] == "clip_earlier" and "clipping" not in keys("armed")
+    assert keys("loose")[0] == "tighter_clipping"
+    assert not {"clipping", "clip_earlier", "tighter_clipping"} & set(keys("bounded"))
+    assert keys("bounded") == keys(None)[1:]  # the same remedies for the model, clipping aside
+    with pytest.raises(ValueError, match="`clipping` must be None, 'armed', 'loose' or 'bounded'"):
+        remedies_for("exploding", ["dense"], summary, clipping=True)
 
 
-def test_a_run_that_clipped_is_not_told_to_clip(tmp_path):
+def _clipped_run(path, update_at_spike, spike=30):
+    """A 100x spike at `spike`; AutoClip on at 30 (clipping 30-31), off at 34; `update_at_spike` applied."""
     names = ["m/a/kernel", "m/b/kernel"]
     norms = _healthy_norms(40, 2)
-    norms[30] *= 100.0
-    events = [{"step": 30, "kind": "clip_on", "message": "clipping on"},
-              {"step": 34, "kind": "clip_off", "message": "clipping off"}]
-    diagnosis = write_run(tmp_path, {"grad_norm": (names, norms)},
-                          _summary([_layer("a", variables=[names[0]]), _layer("b", variables=[names[1]])]),
-                          events).diagnose()
-    assert [e["kind"] for e in diagnosis.clipping] == ["clip_on", "clip_off"]
+    norms[spike] *= 100.0
+    updates = np.full((40, 2), 1e-3, np.float32)
+    updates[spike] = update_at_spike
+    clipped = np.zeros(40, np.float32)
+    clipped[30:32] = 1.0
+    events = [{"step": 30, "kind": "clip_on", "message": "on", "global_grad_norm": 141.0, "clip_threshold": 3.5},
+              {"step": 34, "kind": "clip_off", "message": "off", "global_grad_norm": 1.2, "clip_threshold": 3.1}]
+    stats = {"grad_norm": (names, norms), "update_ratio": (names, updates),
+             "clipped": clipped, "skipped": np.zeros(40, np.float32)}
+    model = _summary([_layer("a", variables=[names[0]]), _layer("b", variables=[names[1]])])
+    return write_run(path, stats, model, events).diagnose()
+
+
+def test_a_run_whose_clipping_kept_the_updates_bounded_is_not_told_to_clip(tmp_path):
+    diagnosis = _clipped_run(tmp_path, update_at_spike=0.01)
+    clip = diagnosis.clipping
+    assert (clip.switched_on, clip.switched_off, clip.clipped, clip.clipped_range) == ((30,), (34,), 2, (30, 31))
+    assert not clip.on_at_end and clip.on_at(30) and clip.on_at(34) and not clip.on_at(29) and not clip.on_at(35)
     [finding] = diagnosis.findings
-    assert finding.kind == "exploding" and "clipping" not in _keys(finding)
-    assert "Clipping events: clip_on x1 (first at step 30), clip_off x1 (first at step 34)." in str(diagnosis)
+    assert (finding.kind, finding.first_step, finding.clipped, finding.skipped) == ("exploding", 30, 1, 0)
+    assert not {"clipping", "clip_earlier", "tighter_clipping"} & set(_keys(finding))
+    assert "AutoClip was on throughout; it clipped 1 and skipped 0 of the 1 recorded steps of this episode; " \
+           "the weight updates stayed bounded (update ratio at most 0.01)." in finding.message
+    assert ("Clipping (keras_vg.AutoClip): on at step 30 (global norm 1.4e+02, threshold 3.5), off at step 34; "
+            "clipped 2 steps, at steps 30-31; off (armed) from step 34 on.") in str(diagnosis)
+
+
+def test_a_run_whose_updates_exploded_with_clipping_on_is_told_to_clip_tighter(tmp_path):
+    [finding] = _clipped_run(tmp_path, update_at_spike=5.0).findings
+    assert _keys(finding)[0] == "tighter_clipping"
+    assert "the weight updates still exploded (update ratio up to 5 at step 30, threshold 1)" in finding.message
+
+
+def test_an_explosion_before_clipping_switched_on_is_told_to_clip_from_the_first_step(tmp_path):
+    diagnosis = _clipped_run(tmp_path, update_at_spike=1e-3, spike=10)
+    [finding] = diagnosis.findings
+    assert (finding.first_step, finding.clipped) == (10, 0)
+    assert _keys(finding)[0] == "clip_earlier" and "trigger=None" in finding.remedies[0].text
+    assert "AutoClip was armed but not on during these steps." in finding.message
+
+
+def test_a_run_without_autoclip_has_no_clipping(tmp_path):
+    names = ["m/a/kernel"]
+    diagnosis = write_run(tmp_path, {"grad_norm": (names, _healthy_norms(10, 1))}).diagnose()
+    assert diagnosis.clipping is None and "Clipping" not in str(diagnosis)
 
 
 def test_first_last_ratio_uses_the_first_and_last_kernels():
