@@ -17,8 +17,11 @@ $(BIN)/.installed: pyproject.toml
 test: lint
 	$(BIN)/python -m pytest -q
 
-## make demo: train the examples with the monitor, print a report, then serve TensorBoard on 127.0.0.1.
+## make demo: train the examples with the monitor (exploding_rnn also with keras_vg.AutoClip, whose
+## clipping events the dashboard shows), print a report, then serve TensorBoard on 127.0.0.1.
+## Each run starts afresh: a second demo would otherwise add its events to the first one's.
 demo: $(BIN)/.installed
+	rm -rf $(LOGDIR)/quickstart $(LOGDIR)/vanishing $(LOGDIR)/dying_relu $(LOGDIR)/exploding_rnn
 	$(BIN)/python examples/quickstart.py --log-dir $(LOGDIR)/quickstart
 	$(BIN)/python examples/vanishing_mlp.py --log-dir $(LOGDIR)/vanishing
 	$(BIN)/python examples/dying_relu.py --log-dir $(LOGDIR)/dying_relu

@@ -11,6 +11,7 @@ import pathlib
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 import keras_vg
@@ -20,13 +21,19 @@ pytestmark = pytest.mark.fit
 EXAMPLES = pathlib.Path(__file__).resolve().parent.parent / "examples"
 
 
-def run_example(name, tmp_path, capsys, *args):
-    """Runs `examples/<name>`'s `main` on `args`; returns `(exit code, stdout)`."""
-    if importlib.util.find_spec("sklearn") is None:
-        pytest.fail("examples/ need scikit-learn (load_digits): pip install scikit-learn")
+def load_example(name):
+    """Imports `examples/<name>` as a module."""
     spec = importlib.util.spec_from_file_location(name[:-3], EXAMPLES / name)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
+    return module
+
+
+def run_example(name, tmp_path, capsys, *args):
+    """Runs `examples/<name>`'s `main` on `args`; returns `(exit code, stdout)`."""
+    if "load_digits" in (EXAMPLES / name).read_text() and importlib.util.find_spec("sklearn") is None:
+        pytest.fail("examples/ need scikit-learn (load_digits): pip install scikit-learn")
+    module = load_example(name)
     capsys.readouterr()
     code = module.main(["--log-dir", str(tmp_path / "logs"), *args])
     return code or 0, capsys.readouterr().out
@@ -75,29 +82,43 @@ def test_dying_relu(tmp_path, capsys):
     assert "a lower learning rate for Adam" in out and "LeakyReLU or ELU" in out
 
 
-def test_exploding_rnn_without_clipping(tmp_path, capsys):
-    code, out = run_example("exploding_rnn.py", tmp_path, capsys, "--epochs", "1", "--variants", "none")
-    assert code == 0
-    assert table_row(out, "none")[-1] == "exploding", out
-    assert "Exploding gradients - layer" in out and "simple_rnn" in out
-    assert "gated recurrent layers (LSTM or GRU) instead of SimpleRNN" in out
-    assert "gradient clipping" in out
-
-
-@pytest.mark.xfail("AutoClip" not in keras_vg.__all__, run=False, strict=False,
-                   reason="keras_vg.AutoClip (another issue) does not exist yet")
-def test_exploding_rnn_with_autoclip(tmp_path, capsys):
-    code, out = run_example("exploding_rnn.py", tmp_path, capsys, "--epochs", "1", "--variants", "autoclip")
+def test_exploding_rnn_diverges_without_clipping_and_learns_with_autoclip(tmp_path, capsys):
+    code, out = run_example("exploding_rnn.py", tmp_path, capsys, "--epochs", "1", "--variants", "none", "autoclip")
     assert code == 0, out
-    assert "nonfinite" not in " ".join(table_row(out, "autoclip")[4:]), out
+    # The reference: the validation loss of predicting 0, computed here from the validation targets.
+    _, y_val = load_example("exploding_rnn.py").make_data((0, 8), seed=1)
+    zero_loss = float(np.mean(y_val ** 2))
+    none, autoclip = table_row(out, "none"), table_row(out, "autoclip")
+    none_loss = float(none[1])
+    assert not np.isfinite(none_loss) or none_loss > 1e3, out
+    assert {"exploding", "nonfinite"} <= {kind.rstrip(",") for kind in none[6:]}, out
+    assert float(autoclip[1]) < 0.2 * zero_loss, out
+
+    # Without clipping, the report suggests it (and gating for the SimpleRNN).
+    none_report, autoclip_report = out.split("keras-vg report for ")[1:]
+    assert "Exploding gradients - " in none_report and "simple_rnn" in none_report
+    assert "add keras_vg.AutoClip() to callbacks" in none_report
+    assert "gated recurrent layers (LSTM or GRU) instead of SimpleRNN" in none_report
+    assert "Clipping" not in none_report
+
+    # With AutoClip, the table and the report state what its records say, and do not suggest it again.
+    run = keras_vg.read_run(tmp_path / "logs" / "autoclip")
+    [on] = [e for e in run.events() if e["kind"] == "clip_on"]
+    clipped, skipped = (int(np.sum(run.stat(name)[2])) for name in ("clipped", "skipped"))
+    assert clipped > 0
+    assert autoclip[3:6] == [str(on["step"]), str(clipped), str(skipped)], out
+    assert (f"Clipping (keras_vg.AutoClip): on at step {on['step']} (global norm {on['global_grad_norm']:.2g}, "
+            f"threshold {on['clip_threshold']:.2g}); clipped {clipped} step") in autoclip_report
+    exploding = autoclip_report.split("Exploding gradients - ", 1)[1]
+    assert "\n  Clipping: AutoClip was on " in exploding, autoclip_report
+    assert "add keras_vg.AutoClip()" not in autoclip_report
+    assert "gated recurrent layers (LSTM or GRU) instead of SimpleRNN" in exploding
 
 
 def test_vanishing_mlp_variants_differ_only_in_the_fix():
     from keras_vg.model_summary import summarize_model
 
-    spec = importlib.util.spec_from_file_location("vanishing_mlp", EXAMPLES / "vanishing_mlp.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_example("vanishing_mlp.py")
     summaries = {variant: summarize_model(module.build(variant)) for variant in module.VARIANTS}
     dense = {v: [e for e in s["layers"] if e["class"] == "Dense"] for v, s in summaries.items()}
     assert [len(dense[v]) for v in module.VARIANTS] == [11, 11, 11, 12]  # residual: + a projection
