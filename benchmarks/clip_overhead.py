@@ -50,7 +50,11 @@ ARMS = {
     # Armed AGC computes nothing unit-wise (see AGC.lazy); switched on, it reads every weight.
     "AutoClip agc, clipping every step": lambda: keras_vg.AutoClip(
         keras_vg.AGC(clip_factor=1e-6), trigger=None, verbose=0),
+    "Keras global_clipnorm (reference)": lambda: None,
 }
+
+OPTIMIZER_ARGUMENTS = {"Keras global_clipnorm (reference)": {"global_clipnorm": 1e9}}
+"""Keras's own clipping, for scale: it too needs every gradient's norm before any update."""
 
 
 def run_model(name, rounds, batches):
@@ -63,7 +67,7 @@ def run_model(name, rounds, batches):
     for arm, make in ARMS.items():
         keras.utils.set_random_seed(0)
         model, _, _ = build()
-        model.compile(optimizer=keras.optimizers.Adam(1e-4),
+        model.compile(optimizer=keras.optimizers.Adam(1e-4, **OPTIMIZER_ARGUMENTS.get(arm, {})),
                       loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
         models[arm] = model
         clip = make()

@@ -38,6 +38,22 @@ def _fresh_keras_state():
     keras.backend.clear_session()
 
 
+@pytest.fixture(scope="session")
+def two_cpu_strategy():
+    """One MirroredStrategy over two logical CPUs for the whole session.
+
+    A second MirroredStrategy in the same process can reuse the first one's
+    collective instance keys and fail with "Shape mismatch in the collective
+    instance" once the models differ (tensorflow#62790, TF 2.21).
+    """
+    import tensorflow as tf
+
+    devices = tf.config.list_logical_devices("CPU")
+    if len(devices) < 2:
+        pytest.fail("tests/conftest.py should have configured two logical CPU devices")
+    return tf.distribute.MirroredStrategy([d.name for d in devices[:2]])
+
+
 @pytest.fixture
 def regression_data():
     rng = np.random.RandomState(0)

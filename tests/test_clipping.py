@@ -39,13 +39,6 @@ def build(optimizer=lambda: keras.optimizers.SGD(0.01), strategy=None, **compile
         return make()
 
 
-def two_cpu_strategy():
-    devices = tf.config.list_logical_devices("CPU")
-    if len(devices) < 2:
-        pytest.fail("tests/conftest.py should have configured two logical CPU devices")
-    return tf.distribute.MirroredStrategy([d.name for d in devices[:2]])
-
-
 def fit(model, x, y, callbacks, epochs=1, **kwargs):
     return model.fit(x, y, batch_size=BATCH, epochs=epochs, shuffle=False, verbose=0, callbacks=callbacks, **kwargs)
 
@@ -112,10 +105,10 @@ def test_autoclip_rescues_an_exploding_rnn():
 
 
 @pytest.mark.parametrize("mode", ["function", "jit", "mirrored"])
-def test_nonfinite_step_leaves_weights_and_optimizer_bit_identical(mode):
+def test_nonfinite_step_leaves_weights_and_optimizer_bit_identical(mode, two_cpu_strategy):
     x, y = regression(batches=4)
     x[2 * BATCH + 5] = np.nan  # batch 2: a NaN gradient
-    strategy = two_cpu_strategy() if mode == "mirrored" else None
+    strategy = two_cpu_strategy if mode == "mirrored" else None
     model = build(lambda: keras.optimizers.AdamW(0.01, weight_decay=0.1), strategy=strategy,
                   jit_compile=(mode == "jit"))
     clip = keras_vg.AutoClip(verbose=0)
@@ -150,12 +143,12 @@ def clip_every_step():
     return keras_vg.AutoClip(keras_vg.GlobalNorm(0.5), trigger=None, verbose=0)
 
 
-def test_mirrored_clips_the_summed_gradient_like_one_device():
+def test_mirrored_clips_the_summed_gradient_like_one_device(two_cpu_strategy):
     x, y = regression(batches=6)
     single = build()
     single_clip = clip_every_step()
     fit(single, x, y, [single_clip])
-    mirrored = build(strategy=two_cpu_strategy())
+    mirrored = build(strategy=two_cpu_strategy)
     mirrored_clip = clip_every_step()
     fit(mirrored, x, y, [mirrored_clip])
     for a, b in zip(single.weights, mirrored.weights):
@@ -168,7 +161,7 @@ def test_mirrored_clips_the_summed_gradient_like_one_device():
         np.testing.assert_allclose(b["global_grad_norm_clipped"], 0.5, rtol=1e-6)
 
     # Keras's own global_clipnorm clips each replica's half before the sum (tensorflow#33929).
-    keras_clipped = build(lambda: keras.optimizers.SGD(0.01, global_clipnorm=0.5), strategy=two_cpu_strategy())
+    keras_clipped = build(lambda: keras.optimizers.SGD(0.01, global_clipnorm=0.5), strategy=two_cpu_strategy)
     fit(keras_clipped, x, y, [])
     assert not np.allclose(keras_clipped.weights[0].numpy(), single.weights[0].numpy(), rtol=1e-3)
 
@@ -367,10 +360,10 @@ def test_model_checkpoint_weights_carry_the_state(tmp_path):
     keras.models.load_model(str(tmp_path / "model.keras"))
 
 
-def test_mirrored_state_is_restored_on_every_replica(tmp_path):
+def test_mirrored_state_is_restored_on_every_replica(tmp_path, two_cpu_strategy):
     x, y = regression(batches=10)
     y[6 * BATCH: 7 * BATCH] *= 100.0
-    strategy = two_cpu_strategy()
+    strategy = two_cpu_strategy
     model = build(strategy=strategy)
     clip = keras_vg.AutoClip(keras_vg.ZScore(warmup=4), verbose=0)
     fit(model, x, y, [clip])
@@ -415,10 +408,10 @@ def test_log_dir_records_read_back(tmp_path):
 
 @pytest.mark.parametrize("strategy, monitor_first", [(None, True), (None, False), ("mirrored", True)],
                          ids=["monitor_first", "autoclip_first", "mirrored"])
-def test_gradient_monitor_collects_the_clipping_records(tmp_path, strategy, monitor_first):
+def test_gradient_monitor_collects_the_clipping_records(tmp_path, strategy, monitor_first, two_cpu_strategy):
     x, y = regression(batches=8)
     x[6 * BATCH: 7 * BATCH] *= 100.0
-    model = build(strategy=two_cpu_strategy() if strategy else None)
+    model = build(strategy=two_cpu_strategy if strategy else None)
     clip = keras_vg.AutoClip(keras_vg.ZScore(warmup=3), verbose=0)
     monitor = keras_vg.GradientMonitor(tmp_path, verbose=0)
     # Whichever callback ends first, the last records reach the monitor's file.

@@ -144,15 +144,8 @@ def test_every_with_steps_per_execution_records_each_steps_own_values(
     np.testing.assert_allclose(values, function_reference.stat("grad_norm")[2][::every], rtol=2e-5)
 
 
-def two_cpu_strategy():
-    devices = tf.config.list_logical_devices("CPU")
-    if len(devices) < 2:
-        pytest.fail("tests/conftest.py should have configured two logical CPU devices")
-    return tf.distribute.MirroredStrategy([d.name for d in devices[:2]])
-
-
-def test_mirrored_strategy_equals_single_device(tmp_path, regression_data_module, function_reference):
-    model = build_mlp(adam, strategy=two_cpu_strategy())
+def test_mirrored_strategy_equals_single_device(tmp_path, regression_data_module, function_reference, two_cpu_strategy):
+    model = build_mlp(adam, strategy=two_cpu_strategy)
     _, run = fit_monitored(model, regression_data_module, tmp_path, epochs=2)
     for stat in ("grad_norm", "grad_max_abs", "weight_norm", "update_ratio", "dead_fraction",
                  "saturation_fraction", "global_grad_norm"):
