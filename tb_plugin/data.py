@@ -3,10 +3,12 @@
 Only `context.data_provider` is used, so the plugin works the same over the
 Python loader and the Rust data server (where `context.multiplexer` is None).
 
-Turning 20,000 tensor protos into one matrix costs ~0.5 s, more than a
-heatmap request may take, so the matrix of each (run, statistic) is cached
-until TensorBoard reports new data for it (its `max_step` or `max_wall_time`
-changes).
+The data provider hands out whole series only: each read converts all of a
+series' tensor protos again (~0.6 s for 20,000 records of 1,000 values). So
+the matrix of each (run, statistic) is cached until TensorBoard reports new
+data for it (its `max_step` or `max_wall_time` changes), and then only the
+records that were appended are stacked onto it; anything else (TensorBoard's
+retention replaced records, a restarted run rewrote steps) is stacked anew.
 """
 
 import collections
@@ -16,6 +18,7 @@ import numpy as np
 from tensorboard.data import provider as provider_lib
 
 from keras_vg import format as fmt
+from tb_plugin import background
 
 READ_ALL = 10**9
 """`downsample` for `read_tensors`: larger than any series, so nothing is dropped here."""
@@ -37,6 +40,10 @@ class Series:
     `values` is variable-major (one row per variable or layer, in model order)
     because the heatmap reduces along steps, which is fastest on contiguous rows.
     A scalar statistic has `names == []` and `values` of shape `[1, T]`.
+
+    A `Series` never changes once built. When TensorBoard appends records,
+    the next `Series` of the same statistic may share its storage: it writes
+    only columns beyond this one's `T`.
     """
 
     def __init__(self, name, steps, names, values, retention):
@@ -46,6 +53,12 @@ class Series:
         self.values = values
         self.retention = retention
         self.version = None  # set by Reader.series: changes when TensorBoard has new data
+        # Set by `_stack`/`_append`: the storage `values` is a view of
+        # (`[N, capacity]`), and the step and wall time of every record read,
+        # in the provider's order, to recognise an append next time.
+        self.storage = values
+        self.read_steps = steps
+        self.read_wall_times = np.zeros(len(steps))
 
     def row(self, name):
         """Returns the row index of a variable or layer name, or raises BadRequest."""
@@ -77,9 +90,12 @@ class Reader:
     def __init__(self, data_provider, sampling_hints=None, cache_bytes=512 * 2**20):
         self._provider = data_provider
         self._hints = dict(sampling_hints or {})
-        self._cache = collections.OrderedDict()
+        self._cache = collections.OrderedDict()  # (eid, run, name) -> its latest Series
         self._cache_bytes = cache_bytes
         self._lock = threading.Lock()
+        self._building = background.KeyedLocks()
+        self.reads = 0
+        """`read_tensors` calls made for series (tests check what was prepared)."""
 
     # Listing.
 
@@ -108,6 +124,7 @@ class Reader:
 
     def _read(self, ctx, eid, run, name):
         tag = fmt.tag_for(name)
+        self.reads += 1
         data = self._provider.read_tensors(
             ctx, experiment_id=eid, plugin_name=fmt.PLUGIN_NAME, downsample=READ_ALL,
             run_tag_filter=provider_lib.RunTagFilter(runs=[run], tags=[tag]),
@@ -126,22 +143,45 @@ class Reader:
         if name not in fmt.STAT_AXES:
             raise BadRequest(f"Unknown statistic. Expected one of {list(fmt.STATS)}. Received: stat={name!r}")
         time_series = self._time_series(ctx, eid, run, name)
-        key = (eid, run, name, time_series.max_step, time_series.max_wall_time)
+        version = (time_series.max_step, time_series.max_wall_time)
+        slot = (eid, run, name)
+        cached = self._cached(slot, version)
+        if cached is not None:
+            return cached
+        # One build per statistic at a time: a request that arrives while the
+        # background preparer builds the same series waits for it, and two
+        # builds never append to one storage.
+        with self._building.hold(slot):
+            cached = self._cached(slot, version)
+            if cached is not None:
+                return cached
+            with self._lock:
+                previous = self._cache.get(slot)
+            names = _decode(time_series.plugin_content).get("names", [])
+            # Listed before read: the data is at least as new as `version`.
+            series = _restack(previous, self._read(ctx, eid, run, name), names, name)
+            series.retention = self.retention(len(series.steps))
+            series.version = version
+            self._store(slot, series)
+        return series
+
+    def _cached(self, slot, version):
         with self._lock:
-            if key in self._cache:
-                self._cache.move_to_end(key)
-                return self._cache[key]
-        metadata = _decode(time_series.plugin_content)
-        series = _stack(self._read(ctx, eid, run, name), metadata.get("names", []), name)
-        series.retention = self.retention(len(series.steps))
-        series.version = key
+            series = self._cache.get(slot)
+            if series is None or series.version != version:
+                return None
+            self._cache.move_to_end(slot)
+            return series
+
+    def _store(self, slot, series):
         with self._lock:
-            self._cache[key] = series
+            self._cache[slot] = series
+            self._cache.move_to_end(slot)
+            # The latest series always stays, even when alone above the budget.
             while len(self._cache) > 1 and sum(
-                s.values.nbytes for s in self._cache.values()
+                s.storage.nbytes for s in self._cache.values()
             ) > self._cache_bytes:
                 self._cache.popitem(last=False)
-        return series
 
     def json_records(self, ctx, eid, run, name):
         """Returns `[(step, decoded JSON)]` of the `events` or `model` tag, and its retention."""
@@ -197,22 +237,91 @@ def _decode(content):
         raise BadRequest(str(error)) from None
 
 
-def _stack(data, names, name):
-    """Stacks `TensorDatum`s into a `Series`; the record read last wins a repeated step."""
-    by_step = {}
-    for datum in data:
-        by_step[int(datum.step)] = datum.numpy
-    steps = np.array(sorted(by_step), dtype=np.int64)
+def _restack(previous, data, names, name):
+    """Stacks `TensorDatum`s into a `Series`, appending to `previous` when they extend it.
+
+    Args:
+        previous: The last `Series` built for this statistic, or None.
+        data: Every `TensorDatum` of the series, in the data provider's order.
+        names: The variable or layer names from the tag's metadata.
+        name: The statistic.
+
+    Returns:
+        A new `Series`, equal to what `_stack(data, names, name)` returns.
+    """
+    steps = np.fromiter((d.step for d in data), dtype=np.int64, count=len(data))
+    wall_times = np.fromiter((d.wall_time for d in data), dtype=np.float64, count=len(data))
+    if previous is not None and _extends(previous, steps, wall_times, names):
+        return _append(previous, data, steps, wall_times)
+    return _stack(data, names, name, steps, wall_times)
+
+
+def _extends(previous, steps, wall_times, names):
+    """Whether the records are `previous`'s records plus new, later steps, in order."""
+    count = len(previous.read_steps)
+    if list(names) != previous.names or len(steps) < count:
+        return False
+    # Compared with wall times too: a restarted run can rewrite the same steps.
+    if not (np.array_equal(steps[:count], previous.read_steps)
+            and np.array_equal(wall_times[:count], previous.read_wall_times)):
+        return False
+    tail = steps[count:]
+    last = previous.steps[-1] if len(previous.steps) else np.iinfo(np.int64).min
+    return bool(np.all(np.diff(tail) > 0)) and (not len(tail) or tail[0] > last)
+
+
+def _append(previous, data, steps, wall_times):
+    """`previous` plus the records after its own, written into its storage when there is room."""
+    count, size = len(previous.read_steps), len(previous.steps)
+    rows = _rows(data[count:], previous.values.shape[0])  # [k, N]
+    storage = previous.storage
+    if storage.shape[1] < size + len(rows):
+        # Room for a quarter more, so a live run is not copied on every reload.
+        capacity = size + len(rows) + max(len(rows), size // 4)
+        storage = np.empty((storage.shape[0], capacity), dtype=np.float32)
+        storage[:, :size] = previous.values
+    # Columns beyond `size` belong to no built Series yet, so writing them is safe.
+    storage[:, size:size + len(rows)] = rows.T
+    new_steps = np.concatenate([previous.steps, steps[count:]])
+    return _series(previous.name, new_steps, previous.names, storage, steps, wall_times)
+
+
+def _stack(data, names, name, steps, wall_times):
+    """Stacks `TensorDatum`s into a new `Series`; the record read last wins a repeated step."""
+    if len(steps) and not np.all(np.diff(steps) > 0):
+        last = {int(step): index for index, step in enumerate(steps)}  # the last one wins
+        order = sorted(last)
+        data = [data[last[step]] for step in order]
+        stacked_steps = np.array(order, dtype=np.int64)
+    else:
+        stacked_steps = steps
     width = 1 if fmt.axis_of(name) == fmt.AXIS_SCALAR else len(names)
-    # Filled step-major (contiguous rows), then transposed once: writing
+    # Stacked step-major (contiguous rows), then transposed once: writing
     # 20,000 strided columns is several times slower.
-    rows = np.full((len(steps), width), np.nan, dtype=np.float32)
-    for index, step in enumerate(steps):
-        row = np.asarray(by_step[step], dtype=np.float32).ravel()
-        # TensorBoard keeps the metadata of a tag's first event only: if the
-        # model grew between two fits, entries beyond the names are dropped,
-        # and names without an entry stay NaN.
-        count = min(row.size, width)
-        rows[index, :count] = row[:count]
-    values = np.ascontiguousarray(rows.T)
-    return Series(name, steps, list(names), values, retention=None)
+    storage = np.ascontiguousarray(_rows(data, width).T)
+    return _series(name, stacked_steps, list(names), storage, steps, wall_times)
+
+
+def _series(name, steps, names, storage, read_steps, read_wall_times):
+    series = Series(name, steps, names, storage[:, :len(steps)], retention=None)
+    series.storage = storage
+    series.read_steps = read_steps
+    series.read_wall_times = read_wall_times
+    return series
+
+
+def _rows(data, width):
+    """The records' values as a float32 `[len(data), width]` array."""
+    arrays = [np.asarray(datum.numpy, dtype=np.float32).reshape(-1) for datum in data]
+    if not arrays:
+        return np.zeros((0, width), dtype=np.float32)
+    if all(array.size == width for array in arrays):
+        return np.stack(arrays)
+    # TensorBoard keeps the metadata of a tag's first event only: if the
+    # model grew between two fits, entries beyond the names are dropped, and
+    # names without an entry stay NaN.
+    rows = np.full((len(arrays), width), np.nan, dtype=np.float32)
+    for index, array in enumerate(arrays):
+        count = min(array.size, width)
+        rows[index, :count] = array[:count]
+    return rows

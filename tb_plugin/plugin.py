@@ -14,6 +14,11 @@ bad parameter gets a 400 with `{"error": ...}`):
 | `/static/*`       |                            | the page (only files of `tb_plugin/static/`)   |
 
 Downsampling keeps extremes: see `tb_plugin.downsample`.
+
+Stacking a big run and running the region rules takes seconds, so while the
+page is in use a background thread (`tb_plugin.background.Preparer`) does it
+as soon as TensorBoard has new data for the runs shown lately (or, before
+any was shown, the runs with the newest data), and requests find it ready.
 """
 
 import collections
@@ -28,8 +33,8 @@ from tensorboard.plugins import base_plugin
 from werkzeug import wrappers
 
 from keras_vg import format as fmt
+from tb_plugin import background, downsample
 from tb_plugin import data as data_lib
-from tb_plugin import downsample
 
 STATIC_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static")
 _CONTENT_TYPES = {".js": "text/javascript", ".css": "text/css", ".svg": "image/svg+xml"}
@@ -42,6 +47,9 @@ variables get fewer columns, and the response says so."""
 CLASSIFICATION_CACHE = 8
 """Runs whose region codes are kept in memory."""
 
+PREPARED_RUNS = 2
+"""Runs the background thread keeps ready: the page shows one, or two side by side."""
+
 HEATMAP_STATS = tuple(s for s in fmt.STATS if fmt.axis_of(s) != fmt.AXIS_SCALAR)
 
 
@@ -51,6 +59,10 @@ class GradientsPlugin(base_plugin.TBPlugin):
     Args:
         context: A `base_plugin.TBContext`; only `data_provider` and
             `sampling_hints` are used.
+        prepare_in_background: Whether a background thread prepares the
+            runs shown lately as soon as TensorBoard has new data for them
+            (see `prepare_runs`). It runs only while requests come.
+        poll_seconds: How often that thread asks the data provider for new data.
 
     Example:
 
@@ -59,11 +71,22 @@ class GradientsPlugin(base_plugin.TBPlugin):
 
     plugin_name = fmt.PLUGIN_NAME
 
-    def __init__(self, context):
+    def __init__(self, context, prepare_in_background=True, poll_seconds=2.0):
         self._reader = data_lib.Reader(context.data_provider, context.sampling_hints)
         self._static_files = _list_static_files()
         self._classifications = collections.OrderedDict()  # (eid, run) -> (data versions, result)
         self._lock = threading.Lock()
+        self._classifying = background.KeyedLocks()
+        self._preparer = (background.Preparer(self.prepare_runs, poll_seconds=poll_seconds)
+                          if prepare_in_background else None)
+
+    def close(self):
+        """Stops the background thread, if any (TensorBoard never calls this; tests do).
+
+        Returns:
+            True when no thread of this plugin is left running.
+        """
+        return self._preparer.close() if self._preparer is not None else True
 
     def get_plugin_apps(self):
         return {
@@ -143,8 +166,11 @@ class GradientsPlugin(base_plugin.TBPlugin):
 
     def _respond(self, request, answer):
         """Calls `answer(ctx, experiment_id)`; a `BadRequest` becomes a 400 with its message."""
+        ctx, eid = _context(request), _experiment(request)
+        if self._preparer is not None:
+            self._preparer.notice(ctx, eid, run=request.args.get("run") or None)
         try:
-            body, code = answer(_context(request), _experiment(request)), 200
+            body, code = answer(ctx, eid), 200
         except data_lib.BadRequest as error:
             body, code = {"error": str(error)}, 400
         text = json.dumps(json_util.Cleanse(body), sort_keys=True, separators=(",", ":"))
@@ -289,55 +315,108 @@ class GradientsPlugin(base_plugin.TBPlugin):
         result = self._classify(ctx, eid, run)
         return {"episodes": result["episodes"], "run": run}
 
+    # Preparation, done by the background thread ahead of requests.
+
+    def prepare_runs(self, ctx, eid, requested):
+        """Prepares up to `PREPARED_RUNS` runs: those requested lately, then those with the newest data.
+
+        Args:
+            ctx: A `RequestContext` for the data provider.
+            eid: The experiment id.
+            requested: Runs named by requests, the most recent first.
+
+        Returns:
+            The runs prepared.
+        """
+        listing = self._reader.runs(ctx, eid)
+        chosen = [run for run in requested if run in listing][:PREPARED_RUNS]
+        # Before a run was shown (or beside it), the one being written now is
+        # the one whose next answer would be slow.
+        newest = sorted(listing, key=lambda run: -max(ts.max_wall_time for ts in listing[run].values()))
+        chosen += [run for run in newest if run not in chosen][:PREPARED_RUNS - len(chosen)]
+        for run in chosen:
+            self.prepare(ctx, eid, run)
+        return chosen
+
+    def prepare(self, ctx, eid, run):
+        """Stacks every statistic of a run and classifies it, as the next heatmap will need.
+
+        Does nothing that is already done for the data TensorBoard has now.
+        """
+        try:
+            self._classify(ctx, eid, run)
+            for stat in self._reader.runs(ctx, eid).get(run, {}):
+                if stat in HEATMAP_STATS:
+                    self._aligned(ctx, eid, run, self._reader.series(ctx, eid, run, stat))
+        except data_lib.BadRequest:
+            pass  # the run is gone, or in a newer format: the page shows why
+
     # Classification, shared by /heatmap and /classification.
 
     def _classify(self, ctx, eid, run):
         """Runs `keras_vg.detect` over every statistic of the run (cached per data version)."""
+        listing = self._reader.runs(ctx, eid)
+        if run not in listing:
+            raise data_lib.BadRequest(f"Unknown run. Received: run={run!r}")
         stats = {
             name: self._reader.series(ctx, eid, run, name)
-            for name in self._reader.runs(ctx, eid).get(run, {}) if name in fmt.STAT_AXES
+            for name in listing[run] if name in fmt.STAT_AXES
         }
-        if not stats and run not in self._reader.runs(ctx, eid):
-            raise data_lib.BadRequest(f"Unknown run. Received: run={run!r}")
         key = tuple(sorted((name, series.version) for name, series in stats.items()))
-        cached = self._classifications.get((eid, run))
-        if cached is not None and cached[0] == key:
-            return cached[1]
-        detect = _detect()
-        inputs = {
-            name: (s.steps, s.names, s.values[0] if not s.names else s.values.T)
-            for name, s in stats.items()
-        }
-        classification = detect.classify(inputs)
-        result = {
-            # Only the codes are kept: the full Classification also holds float
-            # figures for every cell, 5x the memory.
-            "grids": {
-                "variable": _slim(classification.variables),
-                "layer": _slim(classification.layers),
-            },
-            "episodes": [_episode_json(e) for e in detect.find_episodes(classification)],
-            "aligned": {},  # statistic -> (series version, codes on its rows and steps)
-        }
-        with self._lock:
-            self._classifications[(eid, run)] = (key, result)
-            self._classifications.move_to_end((eid, run))
-            while len(self._classifications) > CLASSIFICATION_CACHE:
-                self._classifications.popitem(last=False)
+        # One classification per run at a time: a request waits for the
+        # background thread's instead of running the rules twice.
+        with self._classifying.hold((eid, run)):
+            with self._lock:
+                cached = self._classifications.get((eid, run))
+            if cached is not None and cached[0] == key:
+                return cached[1]
+            result = _classification(stats)
+            with self._lock:
+                self._classifications[(eid, run)] = (key, result)
+                self._classifications.move_to_end((eid, run))
+                while len(self._classifications) > CLASSIFICATION_CACHE:
+                    self._classifications.popitem(last=False)
         return result
 
-    def _classes_for(self, ctx, eid, run, series, starts):
-        """Region codes `[rows, buckets]` aligned with a heatmap."""
+    def _aligned(self, ctx, eid, run, series):
+        """The run's region codes on a series' rows and steps, `[rows, T]` (cached)."""
         result = self._classify(ctx, eid, run)
-        aligned = result["aligned"].get(series.name)
+        with self._lock:
+            aligned = result["aligned"].get(series.name)
         if aligned is None or aligned[0] != series.version:
             # Cached with the classification: aligning 20,000 x 1,000 cells costs ~0.2 s.
             grid = result["grids"]["layer" if fmt.axis_of(series.name) == fmt.AXIS_LAYER else "variable"]
-            aligned = result["aligned"][series.name] = (series.version, _align(grid, series))
+            aligned = (series.version, _align(grid, series))
+            with self._lock:
+                result["aligned"][series.name] = aligned
+        return aligned[1]
+
+    def _classes_for(self, ctx, eid, run, series, starts):
+        """Region codes `[rows, buckets]` aligned with a heatmap."""
         detect = _detect()
         priority = (detect.NONFINITE, detect.EXPLODING, detect.VANISHING, detect.DEAD,
                     detect.SATURATED, detect.HEALTHY)
-        return downsample.reduce_classes(aligned[1], starts, priority)
+        return downsample.reduce_classes(self._aligned(ctx, eid, run, series), starts, priority)
+
+
+def _classification(stats):
+    """What `_classify` caches: the codes of `keras_vg.detect.classify` and its episodes."""
+    detect = _detect()
+    inputs = {
+        name: (s.steps, s.names, s.values[0] if not s.names else s.values.T)
+        for name, s in stats.items()
+    }
+    classification = detect.classify(inputs)
+    return {
+        # Only the codes are kept: the full Classification also holds float
+        # figures for every cell, 5x the memory.
+        "grids": {
+            "variable": _slim(classification.variables),
+            "layer": _slim(classification.layers),
+        },
+        "episodes": [_episode_json(e) for e in detect.find_episodes(classification)],
+        "aligned": {},  # statistic -> (series version, codes on its rows and steps)
+    }
 
 
 def _detect():

@@ -36,6 +36,7 @@ NAN = (37, 4)  # (step, variable): one non-finite gradient norm
 PLUGIN = "/data/plugin/keras_vg"
 # Log codes are rounded to 1/700 decade: half a unit is this relative error.
 LOG16_RTOL = 10 ** (0.5 / downsample.LOG16_SCALE) - 1
+PLUGINS = []  # closed after the module, so no background thread outlives it
 
 
 def write_run(log_dir, names=NAMES):
@@ -55,8 +56,17 @@ def make_client(logdir, sampling_hints=None, keep_all=True):
     context = base_plugin.TBContext(
         logdir=str(logdir), data_provider=provider, sampling_hints=sampling_hints
     )
-    app = application.TensorBoardWSGI([GradientsPlugin(context)], data_provider=provider)
+    plugin = GradientsPlugin(context)
+    PLUGINS.append(plugin)
+    app = application.TensorBoardWSGI([plugin], data_provider=provider)
     return werkzeug_test.Client(app)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _close_plugins():
+    yield
+    while PLUGINS:
+        assert PLUGINS.pop().close()
 
 
 def get(client, route, **params):
