@@ -385,3 +385,34 @@ def test_serves_what_the_real_monitor_wrote(tmp_path):
             _, other = get(client, "/heatmap", run="monitor_run", stat=stat, columns=1000)
             np.testing.assert_allclose(heatmap_values(other), run.stat(stat)[2].T,
                                        rtol=LOG16_RTOL, equal_nan=True)
+
+
+@pytest.mark.fit
+def test_serves_the_clipping_autoclip_recorded(tmp_path):
+    import keras
+
+    import keras_vg
+
+    log_dir = tmp_path / "clipped_run"
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(96, 4)).astype("float32")
+    y = rng.normal(size=(96, 1)).astype("float32")
+    x[80:88] *= 1e3  # batch 10 of 12: a spike after ZScore's 4 warm-up steps
+    x[88] = np.nan  # batch 11: a non-finite gradient, skipped
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(8, activation="relu"), keras.layers.Dense(1)])
+    model.compile(optimizer=keras.optimizers.SGD(1e-3), loss="mse")
+    clip = keras_vg.AutoClip(keras_vg.ZScore(warmup=4), verbose=0)
+    monitor = keras_vg.GradientMonitor(log_dir, verbose=0)
+    model.fit(x, y, batch_size=8, epochs=1, shuffle=False, verbose=0, callbacks=[monitor, clip])
+    monitor.close()
+
+    run = read_run(log_dir)
+    recorded = [(e["kind"], e["step"]) for e in run.events() if e["kind"] in ("clip_on", "clip_off", "skip")]
+    assert recorded == [("clip_on", 10), ("skip", 11)]
+    client = make_client(tmp_path)
+    _, body = get(client, "/events", run="clipped_run")
+    served = [(e["kind"], e["step"]) for e in body["events"] if e["kind"] in ("clip_on", "clip_off", "skip")]
+    assert served == recorded
+    code, listing = get(client, "/runs")
+    stats = listing["runs"][0]["stats"]
+    assert code == 200 and {"global_grad_norm_clipped", "clipped", "skipped"} <= set(stats)
