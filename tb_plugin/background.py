@@ -50,7 +50,8 @@ class KeyedLocks:
 class Preparer:
     """Calls `prepare(ctx, eid, runs)` every `poll_seconds` in a daemon thread while requests come.
 
-    The thread starts with the first `notice` and ends when no request came
+    The thread starts with the first `notice` (the plugin's loader gives one
+    at TensorBoard's start-up, each request another) and ends when none came
     for `idle_seconds`, on `close()`, or when the owner of `prepare` is
     garbage collected (only a weak reference to it is kept), so it never
     outlives a plugin. After a pass that took `d` seconds it waits at least

@@ -27,7 +27,7 @@ class GradientsPluginLoader(base_plugin.TBLoader):
     """
 
     def load(self, context):
-        """Returns a `GradientsPlugin`, or None (no tab) if it cannot be imported.
+        """Returns a `GradientsPlugin`, preparing data from now on, or None (no tab) if it cannot be imported.
 
         Args:
             context: The `base_plugin.TBContext` from TensorBoard.
@@ -40,4 +40,7 @@ class GradientsPluginLoader(base_plugin.TBLoader):
         except ImportError as error:
             logger.warning("keras-vg: the Gradients tab is disabled: %s", error)
             return None
-        return GradientsPlugin(context)
+        plugin = GradientsPlugin(context)
+        if context.data_provider is not None:
+            plugin.start_preparing()
+        return plugin

@@ -28,6 +28,7 @@ import threading
 import types
 
 import numpy as np
+from tensorboard import context as context_lib
 from tensorboard.backend import http_util, json_util
 from tensorboard.plugins import base_plugin
 from werkzeug import wrappers
@@ -79,6 +80,18 @@ class GradientsPlugin(base_plugin.TBPlugin):
         self._classifying = background.KeyedLocks()
         self._preparer = (background.Preparer(self.prepare_runs, poll_seconds=poll_seconds)
                           if prepare_in_background else None)
+
+    def start_preparing(self):
+        """Starts the background thread now, before any request (the loader calls this).
+
+        TensorBoard builds its plugins at start-up: preparing from then on means
+        the page's first heatmap, asked right after it opens, finds the
+        newest runs ready. Like a request, this keeps the thread for its idle
+        time (`background.Preparer`).
+        """
+        if self._preparer is not None:
+            # TensorBoard's experiment id for a --logdir is "".
+            self._preparer.notice(context_lib.RequestContext(), "")
 
     def close(self):
         """Stops the background thread, if any (TensorBoard never calls this; tests do).

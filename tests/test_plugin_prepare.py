@@ -212,6 +212,26 @@ def test_background_preparation_is_ready_before_the_request(live, tmp_path):
         assert plugin.close()
 
 
+def test_plugin_built_by_tensorboard_prepares_before_the_page_opens(live, tmp_path):
+    from tb_plugin.loader import GradientsPluginLoader
+
+    writer, reload, provider = live
+    write_steps(writer, range(0, 30))
+    reload()
+    plugin = GradientsPluginLoader().load(base_plugin.TBContext(data_provider=provider))
+    try:
+        assert plugin._preparer.running  # no request yet
+        wait_for_passes(plugin, 2)
+        reads = provider.reads
+        assert reads == len(STATS)
+        client = werkzeug_test.Client(application.TensorBoardWSGI([plugin], data_provider=provider))
+        code, body = get(client, "/heatmap", run="run", stat="grad_norm", columns=1000)
+        assert code == 200 and provider.reads == reads  # the first heatmap was ready
+        assert_heatmap_matches_files(body, tmp_path / "run")
+    finally:
+        assert plugin.close()
+
+
 def test_prepares_the_runs_requested_lately(tmp_path):
     for name in ("a", "b", "c"):
         testing.write_demo_run(tmp_path / name, NAMES, steps=5)
