@@ -9,6 +9,10 @@ Private names used here, and why:
   `tf.distribute`, the gradient the optimizer will apply exists summed over
   replicas. Hooking it gives exact per-variable statistics with no extra
   communication.
+- `BaseOptimizer._use_weight_decay`: whether Keras decays a variable outside
+  the optimizer's `assign*` methods (see `update_is_observable`).
+- The `_lower_using_switch_merge` attribute of TensorFlow's `If` op (see
+  `unlowered_cond`).
 """
 
 import warnings
@@ -49,6 +53,72 @@ def applying_optimizer(optimizer):
     """
     inner = getattr(optimizer, "inner_optimizer", None)
     return applying_optimizer(inner) if inner is not None else optimizer
+
+
+def unlowered_cond(pred, true_fn, false_fn):
+    """`tf.cond` whose branch not taken costs nothing.
+
+    Outside XLA, TensorFlow lowers a `tf.cond` into Switch and Merge nodes,
+    and every node of the branch not taken is still visited, as dead, on
+    every step. Keeping the `If` op functional runs only the branch taken, for
+    about the price of a small lowered cond: record-step work then costs
+    nothing on the other steps (docs/PERFORMANCE.md). Under XLA the
+    attribute is ignored.
+
+    Args:
+        pred: A scalar boolean tensor.
+        true_fn: A function of no arguments returning the true branch's outputs.
+        false_fn: The same for the false branch.
+
+    Returns:
+        The outputs of the branch taken.
+    """
+    import tensorflow as tf
+    from tensorflow.core.framework import attr_value_pb2
+
+    if tf.executing_eagerly():
+        return true_fn() if bool(pred) else false_fn()
+    graph = tf.compat.v1.get_default_graph()
+    first_new = len(graph.get_operations())
+    outputs = tf.cond(pred, true_fn, false_fn)
+    for op in graph.get_operations()[first_new:]:
+        if op.type in ("If", "StatelessIf"):
+            op._set_attr("_lower_using_switch_merge", attr_value_pb2.AttrValue(b=False))
+    return outputs
+
+
+# Built-in optimizers whose `update_step` changes each variable through exactly one
+# call of the public `assign`, `assign_add` or `assign_sub` (checked for Keras 3.15
+# by tests/test_weight_updates.py against weights copied around the step).
+_OBSERVABLE_OPTIMIZERS = ("SGD", "Adam", "AdamW", "Nadam", "Adamax", "Adagrad", "Adadelta", "RMSprop",
+                          "Lion", "Lamb", "Adafactor", "Ftrl")
+
+
+def update_is_observable(optimizer, variable):
+    """Says whether every change the optimizer makes to a variable goes through one `assign*` call.
+
+    True only for the built-in optimizers listed above, on a tested Keras
+    version, and only for a variable that Keras changes nowhere else in the
+    step: no weight decay (applied with the variable's own `assign_sub`), no
+    constraint, no overwrite with its gradient, and no EMA overwrite.
+
+    Args:
+        optimizer: The optimizer that applies the updates (see
+            `applying_optimizer`).
+        variable: A Keras variable it trains.
+
+    Returns:
+        A bool.
+    """
+    if not keras_version_is_tested():
+        return False
+    if not any(type(optimizer) is getattr(keras.optimizers, name) for name in _OBSERVABLE_OPTIMIZERS):
+        return False
+    if getattr(optimizer, "use_ema", False) and getattr(optimizer, "ema_overwrite_frequency", None):
+        return False
+    if getattr(variable, "constraint", None) is not None or getattr(variable, "overwrite_with_gradient", False):
+        return False
+    return optimizer.weight_decay is None or not optimizer._use_weight_decay(variable)
 
 
 PRE_CLIP = 0

@@ -6,6 +6,8 @@ context: it only builds reductions over the tensors it is given.
 
 import tensorflow as tf
 
+from keras_vg._keras_compat import unlowered_cond
+
 
 def dense_values(grad):
     """Returns what the statistics see of a gradient, as float32.
@@ -55,7 +57,7 @@ def nonfinite_counts(tensors, sums_of_squares):
             tf.math.count_nonzero(tf.logical_not(tf.math.is_finite(t)), dtype=tf.float32) for t in tensors
         ])
 
-    return tf.cond(
+    return unlowered_cond(
         tf.reduce_all(tf.math.is_finite(sums_of_squares)), lambda: tf.zeros_like(sums_of_squares), count
     )
 
@@ -63,10 +65,11 @@ def nonfinite_counts(tensors, sums_of_squares):
 def norms_and_max_abs(tensors, sums_of_squares, nonfinite):
     """Returns the L2 norm and the largest absolute value of each tensor.
 
-    The norm is `sqrt` of the sum of squares, except when a sum overflows or
-    underflows float32: then every norm is recomputed as
-    `max_abs · ‖t / max_abs‖`, so a gradient of 1e20 reads 1e20 rather than
-    inf and a vanishing one of 1e-25 reads 1e-25 rather than 0.
+    The norm is `sqrt` of the sum of squares, except for a tensor whose sum
+    overflowed float32 or is so small that squares lost to underflow could
+    matter: its norm is recomputed as `max_abs · ‖t / max_abs‖`, so a gradient
+    of 1e20 reads 1e20 rather than inf and a vanishing one of 1e-25 reads
+    1e-25 rather than 0. Only those tensors pay for the second pass.
 
     Args:
         tensors: A list of float32 tensors.
@@ -84,17 +87,30 @@ def norms_and_max_abs(tensors, sums_of_squares, nonfinite):
     >>> [v.numpy().tolist() for v in norms_and_max_abs(t, sums, nonfinite_counts(t, sums))]
     [[5.0], [4.0]]
     """
-    max_abs = tf.stack([tf.reduce_max(tf.abs(t)) if t.shape.num_elements() != 0 else 0.0 for t in tensors])
+    max_abs = tf.stack([_max_abs(t) for t in tensors])
+    # Squares below float32's smallest normal (~1.2e-38) are flushed to zero. Their total
+    # stays under 1e-7 of the sum while the sum exceeds size · 1.2e-31.
+    sizes = tf.stack([tf.cast(tf.size(t), tf.float32) for t in tensors])
+    exact = (tf.math.is_finite(sums_of_squares) & (sums_of_squares > sizes * 1.2e-31)) | (max_abs == 0) | (
+        nonfinite > 0)
+    plain = tf.sqrt(sums_of_squares)
 
     def rescaled():
-        scale = tf.where(max_abs > 0, max_abs, 1.0)
-        norms = tf.stack([tf.sqrt(2.0 * tf.nn.l2_loss(t / s)) for t, s in zip(tensors, tf.unstack(scale))])
-        return tf.where(nonfinite > 0, tf.sqrt(sums_of_squares), max_abs * norms)
+        def norm_of(t, i):
+            return tf.cond(exact[i], lambda: plain[i], lambda: max_abs[i] * tf.sqrt(2.0 * tf.nn.l2_loss(t / max_abs[i])))
 
-    # Below 1e-20 the squares of elements under ~1e-19 are lost to float32.
-    exact = (tf.math.is_finite(sums_of_squares) & (sums_of_squares > 1e-20)) | (max_abs == 0)
-    norms = tf.cond(tf.reduce_all(exact), lambda: tf.sqrt(sums_of_squares), rescaled)
+        return tf.stack([norm_of(t, i) for i, t in enumerate(tensors)])
+
+    norms = unlowered_cond(tf.reduce_all(exact), lambda: plain, rescaled)
     return norms, max_abs
+
+
+def _max_abs(t):
+    if t.shape.num_elements() == 0:
+        return tf.constant(0.0)
+    # Two reductions rather than abs() then one: abs() would allocate a copy of the
+    # gradient, which costs more than reading it twice.
+    return tf.maximum(tf.reduce_max(t), -tf.reduce_min(t))
 
 
 def global_norm(norms):
@@ -133,25 +149,51 @@ def update_ratios(before, after):
     """
     before = [tf.cast(b, tf.float32) for b in before]
     weight_norms = tf.sqrt(squared_norms(before))
-    deltas = tf.sqrt(squared_norms([tf.cast(a, tf.float32) - b for a, b in zip(after, before)]))
+    changes = tf.sqrt(squared_norms([tf.cast(a, tf.float32) - b for a, b in zip(after, before)]))
+    return weight_norms, change_ratios(weight_norms, changes)
+
+
+def change_ratios(weight_norms, change_norms):
+    """Returns `change_norms / weight_norms`, NaN where a weight norm is 0.
+
+    Args:
+        weight_norms: A float32 vector of ‖w‖ before the update.
+        change_norms: A float32 vector of ‖Δw‖.
+
+    Returns:
+        A float32 vector.
+
+    Example:
+
+    >>> change_ratios(tf.constant([2.0, 0.0]), tf.constant([1.0, 1.0])).numpy().tolist()
+    [0.5, nan]
+    """
     safe = tf.where(weight_norms > 0, weight_norms, 1.0)
-    return weight_norms, tf.where(weight_norms > 0, deltas / safe, float("nan"))
+    return tf.where(weight_norms > 0, change_norms / safe, float("nan"))
 
 
-def fired_counts(outputs, unit_axis=-1):
-    """Counts, per unit, the outputs above 0 in a batch of activations.
+def fired_units(outputs, unit_axis=-1):
+    """Marks, per unit, whether any output in a batch of activations is above 0.
+
+    One reduction over the batch; a unit's marks summed over steps count the
+    steps in which it fired, and a sum of 0 means it never did.
 
     Args:
         outputs: Activations of a ReLU-family layer.
         unit_axis: The axis of the units (channels). Defaults to `-1`.
 
     Returns:
-        A float32 vector with one count per unit.
+        A float32 vector with one entry per unit: 1.0 if it fired, else 0.0.
+
+    Example:
+
+    >>> fired_units(tf.constant([[0.0, 2.0], [0.0, -1.0]])).numpy().tolist()
+    [0.0, 1.0]
     """
     rank = outputs.shape.rank
     unit_axis = unit_axis % rank
     axes = [a for a in range(rank) if a != unit_axis]
-    return tf.math.count_nonzero(outputs > 0, axis=axes, dtype=tf.float32)
+    return tf.cast(tf.reduce_max(outputs, axis=axes) > 0, tf.float32)
 
 
 def saturated_count(outputs, kind, epsilon):
@@ -167,7 +209,9 @@ def saturated_count(outputs, kind, epsilon):
     """
     centre = 0.5 if kind == "sigmoid" else 0.0
     half_range = 0.5 if kind == "sigmoid" else 1.0
-    y = outputs - tf.constant(centre, outputs.dtype) if centre else outputs
-    saturated = tf.abs(y) > tf.constant(half_range - epsilon, outputs.dtype)
+    # (y − centre)² > (half_range − ε)²: one fewer pass than |y − centre|.
+    squares = tf.math.squared_difference(outputs, tf.constant(centre, outputs.dtype))
+    saturated = squares > tf.constant((half_range - epsilon) ** 2, outputs.dtype)
     total = tf.cast(tf.size(outputs), tf.float32)
-    return tf.math.count_nonzero(saturated, dtype=tf.float32), total
+    # A cast and a sum: count_nonzero would add a comparison pass over the batch.
+    return tf.reduce_sum(tf.cast(saturated, tf.float32)), total

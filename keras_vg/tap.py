@@ -22,6 +22,7 @@ import tensorflow as tf
 
 from keras_vg import _keras_compat, stats
 from keras_vg import format as fmt
+from keras_vg.weight_updates import UpdateMeter, backend_value
 
 RELU_FAMILY = frozenset({"relu", "relu6", "leaky_relu", "elu", "selu", "prelu"})
 SATURATING = {"sigmoid": "sigmoid", "hard_sigmoid": "sigmoid", "tanh": "tanh", "hard_tanh": "tanh"}
@@ -68,11 +69,6 @@ def _units(layer, axis):
         return None
 
 
-def _value(variable):
-    """The backend tensor of a Keras variable (a plain tf.Variable passes through)."""
-    return variable.value if hasattr(variable, "value") else variable
-
-
 class _Buffers:
     """Ring buffers of `capacity` recorded steps, created under a strategy scope."""
 
@@ -115,7 +111,7 @@ def _on_record_steps(is_record, record):
         record()
         return tf.constant(True)
 
-    return tf.cond(is_record, run, skip)
+    return _keras_compat.unlowered_cond(is_record, run, skip)
 
 
 class Tap:
@@ -147,7 +143,7 @@ class Tap:
         self._index = {}
         for i, variable in enumerate(self.variables):
             self._index[id(variable)] = i
-            self._index[id(getattr(variable, "value", variable))] = i
+            self._index[id(backend_value(variable))] = i
         self.dead_layers, self.saturation_layers = self._find_activation_layers()
         self.trace_count = 0
         self._in_train_step = 0
@@ -218,6 +214,9 @@ class Tap:
         """
         with self.model.distribute_strategy.scope():
             self.buffers = self._create_buffers()
+            distributed = tf.distribute.has_strategy()
+        if any(s in self.stats_to_record for s in fmt.WEIGHT_STATS):
+            self._update_meter = UpdateMeter(self.optimizer, self.variables, self._position, distributed)
         self._wrap_instance_method(self.optimizer, "apply", self._apply)
         self._wrap_instance_method(self.model, "train_step", self._train_step)
         for i, (layer, axis, _) in enumerate(self.dead_layers):
@@ -260,12 +259,12 @@ class Tap:
         step = tf.cast(tf.convert_to_tensor(self.optimizer.iterations), tf.int64)
         return step, tf.equal(step % self.every, 0)
 
-    def _on_record_steps(self, is_record, record):
+    def _on_record_steps(self, record, is_record=None):
         # With every=1 each step records: a tf.cond would be pure overhead.
         if self.every == 1:
             record()
         else:
-            _on_record_steps(is_record, record)
+            _on_record_steps(self._step()[1] if is_record is None else is_record, record)
 
     def _slot(self, step):
         return (step // self.every) % self.capacity
@@ -288,7 +287,7 @@ class Tap:
                 outputs = original(*args, **kwargs)
                 if self._in_train_step and isinstance(outputs, tf.Tensor):
                     with tf.name_scope("keras_vg"):
-                        self.buffers[f"fired/{index}/acc"].assign_add(stats.fired_counts(outputs, axis))
+                        self.buffers[f"fired/{index}/acc"].assign_add(stats.fired_units(outputs, axis))
                 return outputs
 
             return call
@@ -304,7 +303,7 @@ class Tap:
                     # record steps only, so that other steps skip a pass over the activations.
                     with tf.name_scope("keras_vg"):
                         accumulator = self.buffers[f"saturated/{index}/acc"]
-                        self._on_record_steps(self._step()[1], lambda: accumulator.assign_add(
+                        self._on_record_steps(lambda: accumulator.assign_add(
                             tf.stack(stats.saturated_count(outputs, kind, self.saturation_epsilon))))
                 return outputs
 
@@ -312,8 +311,11 @@ class Tap:
 
         return make
 
+    def _position(self, variable):
+        return self._index.get(id(variable), self._index.get(id(backend_value(variable))))
+
     def _positions(self, variables):
-        return [self._index.get(id(v), self._index.get(id(getattr(v, "value", v)))) for v in variables]
+        return [self._position(v) for v in variables]
 
     def _observe_gradients(self, grads, variables):
         """Records statistics of the aggregated, unscaled, pre-clip gradients.
@@ -342,7 +344,7 @@ class Tap:
             _write_row(self.buffers["global_grad_norm"], stats.global_norm(norms), slot)
             _close_window(accumulator, self.buffers["grad_nonfinite"], slot)
 
-        self._on_record_steps(is_record, record)
+        self._on_record_steps(record, is_record)
 
     def _observe_aggregated(self, grads, variables):
         with tf.name_scope("keras_vg"):
@@ -359,11 +361,10 @@ class Tap:
                     self._observe_local_gradients(grads, variables)
 
             def apply_and_record(on_record_step_only):
+                updated = [v for g, v in zip(grads, variables) if g is not None]
+                measure = self._update_meter.around(updated, lambda: original(grads, trainable_variables))
                 with tf.name_scope("keras_vg"):
-                    before = [tf.identity(_value(v)) for v in variables]
-                original(grads, trainable_variables)
-                with tf.name_scope("keras_vg"):
-                    on_record_step_only(lambda: self._record_update(variables, before, step))
+                    on_record_step_only(lambda: self._record_update(measure(), step))
                 return tf.constant(True)
 
             def apply_only():
@@ -374,11 +375,11 @@ class Tap:
                 original(grads, trainable_variables)
             elif self.every > 1 and self._can_branch_around_apply():
                 # Only record steps copy the weights for the update ratio.
-                tf.cond(is_record, lambda: apply_and_record(lambda record: record()), apply_only)
+                _keras_compat.unlowered_cond(is_record, lambda: apply_and_record(lambda record: record()), apply_only)
             else:
-                apply_and_record(lambda record: self._on_record_steps(is_record, record))
+                apply_and_record(lambda record: self._on_record_steps(record, is_record))
             with tf.name_scope("keras_vg"):
-                self._on_record_steps(is_record, lambda: self._close_windows(step))
+                self._on_record_steps(lambda: self._close_windows(step), is_record)
 
         return apply
 
@@ -401,14 +402,12 @@ class Tap:
                 grads[i] = g
         self._observe_gradients(grads, variables)
 
-    def _record_update(self, variables, before, step):
+    def _record_update(self, measured, step):
         """On a record step: the weight norm before, and the ratio of the change actually applied."""
-        present = [(v, b, p) for v, b, p in zip(variables, before, self._positions(variables)) if p is not None]
-        if not present:
+        if measured is None:
             return
-        positions = tf.constant([[p] for _, _, p in present], tf.int32)
-        after = [tf.identity(_value(v)) for v, _, _ in present]
-        weight_norms, ratios = stats.update_ratios([b for _, b, _ in present], after)
+        positions, weight_norms, ratios = measured
+        positions = tf.constant([[p] for p in positions], tf.int32)
         n, slot = len(self.variables), self._slot(step)
         _write_row(self.buffers["weight_norm"], tf.scatter_nd(positions, weight_norms, [n]), slot)
         # Variables with no update this step read NaN (undefined), not 0.

@@ -16,7 +16,8 @@ def gradient_stats(values):
     return norms.numpy(), max_abs.numpy(), nonfinite.numpy()
 
 
-@pytest.mark.parametrize("scale", [1.0, 1e-20, 1e25])  # 1e-20 underflows and 1e25 overflows sums of squares
+# 1e-20 underflows and 1e25 overflows sums of squares; at 1e-16 squares are normal but tiny.
+@pytest.mark.parametrize("scale", [1.0, 1e-16, 1e-20, 1e25])
 def test_gradient_stats_match_numpy(scale):
     rng = np.random.RandomState(0)
     values = [(rng.randn(7, 5) * scale).astype(np.float32), (rng.randn(300) * scale).astype(np.float32),
@@ -25,6 +26,14 @@ def test_gradient_stats_match_numpy(scale):
     np.testing.assert_allclose(norms, [np.linalg.norm(v.astype(np.float64)) for v in values], rtol=1e-5)
     np.testing.assert_allclose(max_abs, [np.abs(v).max() for v in values], rtol=1e-6)
     np.testing.assert_array_equal(nonfinite, 0)
+
+
+def test_only_tensors_whose_squares_underflow_are_rescaled():
+    rng = np.random.RandomState(1)
+    values = [(rng.randn(50) * 1e-21).astype(np.float32), (rng.randn(50)).astype(np.float32),
+              np.array([1e-19, 1e-25], np.float32)]
+    norms, _, _ = gradient_stats(values)
+    np.testing.assert_allclose(norms, [np.linalg.norm(v.astype(np.float64)) for v in values], rtol=1e-5)
 
 
 def test_gradient_stats_count_nonfinite_per_tensor():
@@ -60,10 +69,12 @@ def test_update_ratios_and_undefined_ratio():
     assert weight_norms.numpy()[1] == 0 and np.isnan(ratios.numpy()[1])
 
 
-def test_fired_counts_per_unit_and_channel_axis():
-    outputs = np.array([[[0.0, 1.0], [0.0, 0.0]], [[0.0, 2.0], [0.0, 3.0]]], np.float32)  # [B, H, C]
-    np.testing.assert_array_equal(stats.fired_counts(tf.constant(outputs), -1).numpy(), [0, 3])
-    np.testing.assert_array_equal(stats.fired_counts(tf.constant(outputs), 1).numpy(), [2, 1])
+def test_fired_units_per_unit_and_channel_axis():
+    outputs = np.array([[[0.0, 1.0], [0.0, 0.0]], [[0.0, 2.0], [-1.0, -3.0]]], np.float32)  # [B, H, C]
+    for axis in (-1, 1):
+        expected = (np.moveaxis(outputs, axis, -1) > 0).reshape(-1, 2).any(axis=0)
+        np.testing.assert_array_equal(stats.fired_units(tf.constant(outputs), axis).numpy(), expected)
+    np.testing.assert_array_equal(stats.fired_units(tf.constant(outputs), 1).numpy(), [1, 0])
 
 
 def test_saturated_count_for_sigmoid_and_tanh():

@@ -1,0 +1,181 @@
+"""Norms of the weights before an optimizer update, and of the change it makes.
+
+The update ratio ‖Δw‖/‖w‖ needs Δw, the change the optimizer actually
+applied. It is measured in one of two ways, chosen per variable:
+
+- **Observed.** While the optimizer's update is traced, its public `assign`,
+  `assign_add` and `assign_sub` methods are wrapped, and ‖Δw‖ is taken from
+  the very tensor they add, subtract or store. There is no copy of the
+  weights, which is most of what `every=1` used to cost (docs/PERFORMANCE.md).
+- **Copied.** The weights are copied before the update and subtracted from
+  the new values after it. Exact whatever changes the variable (weight
+  decay, constraints, custom optimizers, `tf.distribute`), at the price of a
+  copy and a subtraction per variable.
+
+`_keras_compat.update_is_observable` says which variables can be observed;
+under a distribution strategy every variable is copied.
+"""
+
+import contextlib
+import warnings
+
+import keras
+import tensorflow as tf
+
+from keras_vg import _keras_compat, stats
+
+_ASSIGN_METHODS = ("assign", "assign_add", "assign_sub")
+
+
+def backend_value(variable):
+    """The backend variable of a Keras variable (a tf.Variable passes through)."""
+    return variable.value if isinstance(variable, keras.Variable) else variable
+
+
+def _squared_norm(value):
+    if isinstance(value, tf.IndexedSlices):
+        # Rows given twice are added twice by the scatter: sum them before squaring.
+        rows, row_of = tf.unique(value.indices)
+        value = tf.math.unsorted_segment_sum(value.values, row_of, tf.shape(rows)[0])
+    return stats.squared_norms([tf.cast(value, tf.float32)])[0]
+
+
+class UpdateMeter:
+    """Measures ‖w‖ before and ‖Δw‖ of an optimizer's update, per variable.
+
+    Args:
+        optimizer: The optimizer that applies the updates (see
+            `_keras_compat.applying_optimizer`).
+        variables: The variables to measure, in record order.
+        position_of: A function from a variable (Keras or backend) to its
+            position in `variables`, or None for one not measured.
+        distributed: Whether training runs under a distribution strategy;
+            then every variable is copied.
+
+    Example:
+
+    >>> meter = UpdateMeter(optimizer, model.trainable_variables, position_of, distributed=False)  # doctest: +SKIP
+    >>> finish = meter.around(variables, lambda: optimizer.apply(grads, variables))  # doctest: +SKIP
+    >>> positions, weight_norms, ratios = finish()  # doctest: +SKIP
+    """
+
+    def __init__(self, optimizer, variables, position_of, distributed):
+        self.optimizer = optimizer
+        self.position_of = position_of
+        self.observed = [not distributed and _keras_compat.update_is_observable(optimizer, v) for v in variables]
+        self._names = [v.path for v in variables]
+        self._warned = False
+        self._change_squares = None
+        if any(self.observed):
+            # Written wherever the update runs, tf.cond branches included (loss scaling,
+            # AutoClip's skip), from where a tensor could not be handed back out.
+            self._change_squares = tf.Variable(tf.zeros([len(variables)]), trainable=False,
+                                               name="keras_vg_change_squares")
+
+    def around(self, variables, update):
+        """Runs `update()`, measuring the given variables around it.
+
+        Args:
+            variables: The variables `update` may change.
+            update: A function of no arguments that applies the optimizer's
+                update.
+
+        Returns:
+            A function of no arguments, called after the update (within a
+            record-step branch if only those are recorded), that returns
+            `(positions, weight_norms, ratios)`: the positions of the measured
+            variables, ‖w‖ before the update and ‖Δw‖/‖w‖ as float32 vectors.
+            A ratio is NaN where ‖w‖ = 0 or the change could not be observed.
+        """
+        present = [(v, p) for v in variables if (p := self.position_of(v)) is not None]
+        observed = [(v, p) for v, p in present if self.observed[p]]
+        copied = [(v, p) for v, p in present if not self.observed[p]]
+        calls = {p: 0 for _, p in observed}
+        weight_squares = None
+        with tf.name_scope("keras_vg"):
+            before = [tf.identity(backend_value(v)) for v, _ in copied]
+            if observed:
+                self._change_squares.assign(tf.zeros_like(self._change_squares))
+                weight_squares = stats.squared_norms([tf.cast(backend_value(v), tf.float32) for v, _ in observed])
+        with self._observing(calls, weight_squares):
+            update()
+        self._warn_unobserved([p for p, count in calls.items() if count != 1])
+
+        def finish():
+            norms, ratios, positions = [], [], []
+            if observed:
+                indices = [p for _, p in observed]
+                changes = tf.sqrt(tf.gather(self._change_squares.read_value(), indices))
+                weight_norms = tf.sqrt(weight_squares)
+                ratio = stats.change_ratios(weight_norms, changes)
+                unmeasured = tf.constant([calls[p] != 1 for p in indices])
+                norms.append(weight_norms)
+                ratios.append(tf.where(unmeasured, float("nan"), ratio))
+                positions += indices
+            if copied:
+                after = [tf.identity(backend_value(v)) for v, _ in copied]
+                weight_norms, ratio = stats.update_ratios(before, after)
+                norms.append(weight_norms)
+                ratios.append(ratio)
+                positions += [p for _, p in copied]
+            if not positions:
+                return None
+            return positions, tf.concat(norms, 0), tf.concat(ratios, 0)
+
+        return finish
+
+    @contextlib.contextmanager
+    def _observing(self, calls, weights_read):
+        """Wraps the optimizer's assign methods while `update` is traced."""
+        if not calls:
+            yield
+            return
+        optimizer = self.optimizer
+        own = {name: optimizer.__dict__[name] for name in _ASSIGN_METHODS if name in optimizer.__dict__}
+        for name in _ASSIGN_METHODS:
+            setattr(optimizer, name, self._observer(getattr(optimizer, name), name, calls, weights_read))
+        try:
+            yield
+        finally:
+            for name in _ASSIGN_METHODS:
+                if name in own:
+                    setattr(optimizer, name, own[name])
+                else:
+                    delattr(optimizer, name)
+
+    def _observer(self, original, method, calls, weights_read):
+        def observe(variable, value):
+            position = self.position_of(variable)
+            if position not in calls:
+                return original(variable, value)
+            calls[position] += 1
+            with tf.name_scope("keras_vg"):
+                square = self._change_square(variable, value, method)
+                if square is not None:
+                    self._change_squares.scatter_nd_update([[position]], square[tf.newaxis])
+            if square is None:
+                calls[position] += 1  # a sparse overwrite: left unmeasured
+                return original(variable, value)
+            # The write waits for the weights' norms, taken before: otherwise it would copy them.
+            with tf.control_dependencies([weights_read, square]):
+                return original(variable, value)
+
+        return observe
+
+    @staticmethod
+    def _change_square(variable, value, method):
+        """‖Δw‖² of one assign call, or None for a sparse overwrite."""
+        if method == "assign_add" or method == "assign_sub":
+            return _squared_norm(value)
+        if isinstance(value, tf.IndexedSlices):
+            return None
+        return _squared_norm(tf.cast(value, tf.float32) - tf.cast(backend_value(variable), tf.float32))
+
+    def _warn_unobserved(self, positions):
+        if positions and not self._warned:
+            self._warned = True
+            warnings.warn(
+                f"keras-vg could not observe a single update of {[self._names[p] for p in positions]} "
+                f"by {type(self.optimizer).__name__}; their update_ratio reads NaN.",
+                stacklevel=2,
+            )
