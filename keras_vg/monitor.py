@@ -9,6 +9,7 @@ import warnings
 import keras
 import numpy as np
 
+from keras_vg import _keras_compat
 from keras_vg import format as fmt
 from keras_vg.event_writer import EventWriter
 
@@ -108,8 +109,8 @@ class GradientMonitor(keras.callbacks.Callback):
     def on_train_begin(self, logs=None):
         self._failed = False
         self._host_weight_norms = False
-        self._host_step = 0
-        self._last_batch = -1
+        self._host_step = self._start_step = 0
+        self._epoch_offset = None
         self._pending = 0
         self._last_read = time.monotonic()
         self._checked_apply = False
@@ -118,15 +119,31 @@ class GradientMonitor(keras.callbacks.Callback):
         self._guard(self._lend_writer_to_autoclip)
 
     def on_epoch_begin(self, epoch, logs=None):
-        self._last_batch = -1
+        self._epoch_offset = None  # the host step of this epoch's batch 0, known at its first batch
 
-    def on_train_batch_end(self, batch, logs=None):
-        if self._failed or (self.tap is None and not self._host_weight_norms):
+    def on_train_batch_begin(self, batch, logs=None):
+        # A batch-begin hook, not batch-end: Keras waits for the device after every step
+        # for callbacks with a batch-end hook, to give them the logs; this one needs none.
+        if self._epoch_offset is None:
+            self._epoch_offset = self._host_step - batch
+        self._account(self._epoch_offset + batch)
+
+    def on_epoch_end(self, epoch, logs=None):
+        if self._is_recording():
+            # The epoch's last steps are only known here: one read of the step counter per epoch.
+            self._guard(lambda: self._account(self._steps_done()))
+        # An exception in a later epoch skips on_train_end; what is recorded must be on disk.
+        if self.tap is not None and not self._failed and self._pending:
+            self._guard(self._read_and_write)
+        if self._writer is not None:
+            self._guard(self._writer.flush)
+
+    def _account(self, steps_done):
+        """Counts the steps run so far and reads the records when enough are waiting."""
+        if not self._is_recording():
             return
-        executed = batch - self._last_batch
-        self._last_batch = batch
-        previous, self._host_step = self._host_step, self._host_step + executed
-        if self.tap is not None and not self._checked_apply:
+        previous, self._host_step = self._host_step, steps_done
+        if self.tap is not None and not self._checked_apply and steps_done > self._start_step:
             self._checked_apply = True
             if self.tap.trace_count == 0:
                 self._guard(self._no_apply_fallback)
@@ -141,12 +158,13 @@ class GradientMonitor(keras.callbacks.Callback):
         ):
             self._guard(self._read_and_write)
 
-    def on_epoch_end(self, epoch, logs=None):
-        # An exception in a later epoch skips on_train_end; what is recorded must be on disk.
-        if self.tap is not None and not self._failed and self._pending:
-            self._guard(self._read_and_write)
-        if self._writer is not None:
-            self._guard(self._writer.flush)
+    def _is_recording(self):
+        return not self._failed and (self.tap is not None or self._host_weight_norms)
+
+    def _steps_done(self):
+        # Without a tap (a train_step that never calls apply) the counter may not move.
+        optimizer = _keras_compat.applying_optimizer(self.model.optimizer)
+        return max(self._host_step, int(np.asarray(optimizer.iterations)))
 
     def on_train_end(self, logs=None):
         if self.tap is not None and not self._failed:
@@ -193,7 +211,7 @@ class GradientMonitor(keras.callbacks.Callback):
         if not self._tap_is_reusable(capacity):
             self._install_tap(capacity)
         step = int(np.asarray(self.tap.optimizer.iterations))
-        self._host_step = step
+        self._host_step = self._start_step = step
         self._writer.write_json(fmt.MODEL_NAME, step, summarize_model(self.model))
         self._writer.flush()
 
