@@ -38,10 +38,11 @@ def unit_axes(shape):
 
 def unitwise_norm(x, axes):
     """L2 norms of `x` over `axes`, kept broadcastable to `x` (None: the whole tensor)."""
+    # One reduction, where square-then-sum would first write a copy of the tensor.
     x = tf.cast(x, tf.float32)
     if axes is None:
-        return tf.reshape(tf.sqrt(tf.reduce_sum(tf.square(x))), [1] * max(len(x.shape), 1))
-    return tf.sqrt(tf.reduce_sum(tf.square(x), axis=axes, keepdims=True))
+        return tf.reshape(tf.math.reduce_euclidean_norm(x), [1] * max(len(x.shape), 1))
+    return tf.math.reduce_euclidean_norm(x, axis=axes, keepdims=True)
 
 
 class AGC(ClipPolicy):
@@ -113,7 +114,7 @@ class AGC(ClipPolicy):
             values = grad.values if isinstance(grad, tf.IndexedSlices) else grad
             if id(weight) in self._excluded:
                 factors.append(None)
-                squares.append(tf.reduce_sum(tf.square(tf.cast(values, tf.float32))))
+                squares.append(2.0 * tf.nn.l2_loss(tf.cast(values, tf.float32)))
                 continue
             axes = unit_axes(weight.shape)
             grad_norm = unitwise_norm(values, axes)

@@ -132,7 +132,8 @@ def _global_norm(tensors):
         norm = tf.where(finite, scale * tf.sqrt(tf.reduce_sum(tf.square(flat / scale))), tf.sqrt(total))
         return norm, finite
 
-    return tf.cond(tf.math.is_finite(total), lambda: (tf.sqrt(total), tf.constant(True)), look_again)
+    return _keras_compat.unlowered_cond(tf.math.is_finite(total), lambda: (tf.sqrt(total), tf.constant(True)),
+                                        look_again)
 
 
 def _json_number(value):
@@ -308,7 +309,7 @@ class AutoClip(keras.callbacks.Callback):
             )
         if self._state is None or autoclip_for(self.model) is not self:
             self.set_model(self.model)
-        self._last_batch = -1
+        self._last_batch = None
         self._pending_steps = 0
         self._last_read = time.monotonic()
         self._failed = False
@@ -420,14 +421,16 @@ class AutoClip(keras.callbacks.Callback):
             if self.policy.lazy and self._armed:
                 # A stateless policy's decision only matters once clipping is on: until then
                 # the train step does not pay for it (AGC reads every weight).
-                outcome = tf.cond(active & finite, lambda: self._decide_and_clip(norm, grads, variables),
-                                  lambda: (list(grads), tf.constant(False), tf.constant(np.nan), norm))
+                outcome = _keras_compat.unlowered_cond(
+                    active & finite, lambda: self._decide_and_clip(norm, grads, variables),
+                    lambda: (list(grads), tf.constant(False), tf.constant(np.nan), norm))
             else:
                 decision, policy_state = self.policy.update(sub_state("policy."), norm, grads, variables)
                 new_state.update({"policy." + k: v for k, v in policy_state.items()})
         if decision is not None:
             clip = active & finite & decision.exceeded
-            outcome = (tf.cond(clip, lambda: self.policy.clip(decision, grads), lambda: list(grads)),
+            outcome = (_keras_compat.unlowered_cond(clip, lambda: self.policy.clip(decision, grads),
+                                                    lambda: list(grads)),
                        clip, decision.threshold, tf.where(clip, decision.norm_after, norm))
         grads, clip, threshold, norm_after = outcome
 
@@ -449,7 +452,8 @@ class AutoClip(keras.callbacks.Callback):
 
     def _decide_and_clip(self, norm, grads, variables):
         decision, _ = self.policy.update({}, norm, grads, variables)
-        clipped = tf.cond(decision.exceeded, lambda: self.policy.clip(decision, grads), lambda: list(grads))
+        clipped = _keras_compat.unlowered_cond(decision.exceeded, lambda: self.policy.clip(decision, grads),
+                                               lambda: list(grads))
         return clipped, decision.exceeded, tf.cast(decision.threshold, tf.float32), decision.norm_after
 
     def _record(self, norm, norm_after, threshold, clip, skipped, switched_on, switched_off):
@@ -554,9 +558,14 @@ class AutoClip(keras.callbacks.Callback):
 
     # Keras hooks -----------------------------------------------------------------------
 
-    def on_train_batch_end(self, batch, logs=None):
+    def on_train_batch_begin(self, batch, logs=None):
+        # A batch-begin hook: Keras waits for the device after every step for callbacks with
+        # a batch-end hook. The steps counted are those before this batch; the epoch's last
+        # ones are read at its end.
         if self._buffers is None or (self.log_dir is None and self._shared is None and not self.verbose):
             return
+        if self._last_batch is None:
+            self._last_batch = batch
         executed = batch - self._last_batch
         self._last_batch = batch
         self._pending_steps += executed
@@ -566,7 +575,7 @@ class AutoClip(keras.callbacks.Callback):
             self._read_and_write()
 
     def on_epoch_begin(self, epoch, logs=None):
-        self._last_batch = -1
+        self._last_batch = None
 
     def on_epoch_end(self, epoch, logs=None):
         self._read_and_write()
