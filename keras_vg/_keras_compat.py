@@ -63,7 +63,9 @@ def unlowered_cond(pred, true_fn, false_fn):
     every step. Keeping the `If` op functional runs only the branch taken, for
     about the price of a small lowered cond: record-step work then costs
     nothing on the other steps (docs/PERFORMANCE.md). Under XLA the
-    attribute is ignored.
+    attribute is ignored. Not for a branch that touches variables of several
+    devices (a cross-replica update under MirroredStrategy): a functional
+    `If` cannot be placed across devices.
 
     Args:
         pred: A scalar boolean tensor.

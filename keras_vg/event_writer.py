@@ -11,6 +11,7 @@ import time
 import weakref
 
 import numpy as np
+from tensorboard.compat.proto import event_pb2, summary_pb2, tensor_pb2, types_pb2
 
 from keras_vg import format as fmt
 
@@ -64,8 +65,6 @@ class EventWriter:
         return self._writer
 
     def _value(self, tag, tensor_proto, metadata):
-        from tensorboard.compat.proto import summary_pb2
-
         value = summary_pb2.Summary.Value(tag=tag, tensor=tensor_proto)
         if tag not in self._tags_with_metadata:
             value.metadata.CopyFrom(metadata())
@@ -73,15 +72,11 @@ class EventWriter:
         return value
 
     def _add(self, step, values):
-        from tensorboard.compat.proto import event_pb2, summary_pb2
-
         writer = self._file_writer()  # first, so that a new file's metadata is written again
         event = event_pb2.Event(wall_time=time.time(), step=int(step), summary=summary_pb2.Summary(value=values()))
         writer.add_event(event)
 
     def _plugin_metadata(self, content):
-        from tensorboard.compat.proto import summary_pb2
-
         return summary_pb2.SummaryMetadata(
             plugin_data=summary_pb2.SummaryMetadata.PluginData(
                 plugin_name=fmt.PLUGIN_NAME, content=content
@@ -97,8 +92,6 @@ class EventWriter:
                            lambda: self._plugin_metadata(fmt.encode_metadata(name, names)))
 
     def _scalar_value(self, tag, value):
-        from tensorboard.compat.proto import summary_pb2
-
         def metadata():
             return summary_pb2.SummaryMetadata(
                 plugin_data=summary_pb2.SummaryMetadata.PluginData(plugin_name="scalars"),
@@ -161,8 +154,6 @@ class EventWriter:
 
 def _float_tensor(array):
     """A float32 TensorProto, built directly: `make_tensor_proto` costs ~10x more per record."""
-    from tensorboard.compat.proto import tensor_pb2, types_pb2
-
     proto = tensor_pb2.TensorProto(dtype=types_pb2.DT_FLOAT, tensor_content=array.astype("<f4").tobytes())
     for size in array.shape:
         proto.tensor_shape.dim.add(size=size)

@@ -145,6 +145,8 @@ class Tap:
             self._index[id(variable)] = i
             self._index[id(backend_value(variable))] = i
         self.dead_layers, self.saturation_layers = self._find_activation_layers()
+        # Where each dead-unit layer's units start in the one `fired` buffer.
+        self._unit_offsets = np.cumsum([0] + [units for _, _, units in self.dead_layers]).tolist()
         self.trace_count = 0
         self._in_train_step = 0
         self._undo = []
@@ -197,12 +199,13 @@ class Tap:
             buffers.add(name, [capacity, n], first)
         buffers.add("grad_nonfinite/acc", [n], first)
         buffers.add("global_grad_norm", [capacity], first)
-        for i, (_, _, units) in enumerate(self.dead_layers):
-            buffers.add(f"fired/{i}", [capacity, units], total)
-            buffers.add(f"fired/{i}/acc", [units], total)
-        for i in range(len(self.saturation_layers)):
-            buffers.add(f"saturated/{i}", [capacity, 2], total)
-            buffers.add(f"saturated/{i}/acc", [2], total)
+        # One buffer for all layers: fewer ops per step and one host read.
+        if self.dead_layers:
+            buffers.add("fired", [capacity, self._unit_offsets[-1]], total)
+            buffers.add("fired/acc", [self._unit_offsets[-1]], total)
+        if self.saturation_layers:
+            buffers.add("saturated", [capacity, len(self.saturation_layers), 2], total)
+            buffers.add("saturated/acc", [len(self.saturation_layers), 2], total)
         return buffers
 
     def install(self):
@@ -287,7 +290,9 @@ class Tap:
                 outputs = original(*args, **kwargs)
                 if self._in_train_step and isinstance(outputs, tf.Tensor):
                     with tf.name_scope("keras_vg"):
-                        self.buffers[f"fired/{index}/acc"].assign_add(stats.fired_units(outputs, axis))
+                        start, end = self._unit_offsets[index], self._unit_offsets[index + 1]
+                        fired = stats.fired_units(outputs, axis)
+                        self.buffers["fired/acc"].assign_add(tf.pad(fired, [[start, self._unit_offsets[-1] - end]]))
                 return outputs
 
             return call
@@ -302,9 +307,14 @@ class Tap:
                     # Saturation is a property of the step measured, not a window: count it on
                     # record steps only, so that other steps skip a pass over the activations.
                     with tf.name_scope("keras_vg"):
-                        accumulator = self.buffers[f"saturated/{index}/acc"]
-                        self._on_record_steps(lambda: accumulator.assign_add(
-                            tf.stack(stats.saturated_count(outputs, kind, self.saturation_epsilon))))
+                        accumulator = self.buffers["saturated/acc"]
+                        shape = accumulator.shape
+
+                        def count():
+                            counts = tf.stack(stats.saturated_count(outputs, kind, self.saturation_epsilon))
+                            accumulator.assign_add(tf.scatter_nd([[index]], counts[tf.newaxis], shape))
+
+                        self._on_record_steps(count)
                 return outputs
 
             return call
@@ -416,10 +426,9 @@ class Tap:
 
     def _close_windows(self, step):
         slot = self._slot(step)
-        for i in range(len(self.dead_layers)):
-            _close_window(self.buffers[f"fired/{i}/acc"], self.buffers[f"fired/{i}"], slot)
-        for i in range(len(self.saturation_layers)):
-            _close_window(self.buffers[f"saturated/{i}/acc"], self.buffers[f"saturated/{i}"], slot)
+        for name in ("fired", "saturated"):
+            if name in self.buffers.variables:
+                _close_window(self.buffers[name + "/acc"], self.buffers[name], slot)
         _write_row(self.buffers["steps"], step, slot)
 
     # Host side -----------------------------------------------------------------
@@ -455,12 +464,13 @@ class Tap:
         if "global_grad_norm" in self.stats_to_record:
             values["global_grad_norm"] = float(arrays["global_grad_norm"][row])
         if self.dead_layers:
+            never_fired = arrays["fired"][row] == 0
             values["dead_fraction"] = np.array(
-                [np.mean(arrays[f"fired/{i}"][row] == 0) for i in range(len(self.dead_layers))],
+                [np.mean(never_fired[start:end]) for start, end in zip(self._unit_offsets, self._unit_offsets[1:])],
                 dtype=np.float32,
             )
         if self.saturation_layers:
-            counts = np.stack([arrays[f"saturated/{i}"][row] for i in range(len(self.saturation_layers))])
+            counts = arrays["saturated"][row]
             with np.errstate(invalid="ignore", divide="ignore"):
                 values["saturation_fraction"] = np.where(counts[:, 1] > 0, counts[:, 0] / counts[:, 1], np.nan)
         return values
