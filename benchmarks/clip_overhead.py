@@ -1,13 +1,10 @@
 """Step-time overhead of AutoClip's policies against plain `fit`, in one process.
 
-The models, the batch timer and the method are those of `benchmarks/overhead.py`
-(imported, not copied): every arm trains its own copy of the model, rounds
-interleave the arms after a warm-up round, and each round times the batches of
-one epoch, leaving out the first two. Unlike there, each round starts at the
-next arm: on these machines the place of an arm in the round alone moved its
-time by up to 15% (the "last in the round" A/A arm of a fixed order showed it). The table gives each arm's fastest and
-median round as a ratio to plain `fit`, beside an A/A row (plain against plain)
-that shows the noise floor of the machine.
+The models are those of `benchmarks/overhead.py` and the method is
+`benchmarks/interleaved.py`: interleaved rounds after a warm-up round, each arm
+timed from its third batch on, ratios to plain `fit` paired within each round,
+beside an A/A row (plain against plain) that shows the noise floor of the
+machine.
 
 The policy arms are armed (the default): training is calm, so they pay for the
 decision every step (global norm, statistics, records) but clip nothing. The
@@ -23,9 +20,7 @@ Usage:
 
 import argparse
 import os
-import statistics
 import sys
-import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
@@ -34,7 +29,8 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from overhead import MODELS, BatchTimer  # noqa: E402
+from interleaved import print_table, time_arms  # noqa: E402
+from overhead import MODELS  # noqa: E402
 
 import keras_vg  # noqa: E402
 
@@ -73,36 +69,16 @@ def run_model(name, rounds, batches):
         clip = make()
         # One callback per arm for all rounds: a later fit reuses the traced function.
         callbacks[arm] = [clip] if clip is not None else []
-    times = {arm: [] for arm in ARMS}
-    cpu = {arm: [] for arm in ARMS}
-    traces = {}
-    names = list(ARMS)
-    for round_index in range(rounds + 1):
-        # Each round starts at another arm: an arm's place in the round (memory, caches,
-        # other processes waking up) then weighs on every arm alike.
-        offset = round_index % len(names)
-        for arm in names[offset:] + names[:offset]:
-            timer = BatchTimer()
-            start = time.process_time()
-            models[arm].fit(x, y, batch_size=batch, epochs=1, verbose=0, callbacks=callbacks[arm] + [timer])
-            if round_index > 0:  # round 0 is the warm-up
-                times[arm].append(timer.total)
-                cpu[arm].append(time.process_time() - start)
-        if round_index == 0:
-            traces = {arm: c[0].trace_count for arm, c in callbacks.items() if c}
-    base_min, base_median = min(times["plain"]), statistics.median(times["plain"])
-    base_cpu = min(cpu["plain"])
-    print(f"\n{name}: batch {batch}, {batches} batches/round, {rounds} rounds "
-          f"(plain: fastest {base_min / (batches - 2) * 1e3:.1f} ms/step)")
-    print("| arm | fastest round ratio | median round ratio | least CPU time ratio |\n|---|---|---|---|")
-    for arm, values in times.items():
-        if arm == "plain":
-            continue
-        print(f"| {arm} | {min(values) / base_min:.3f} | {statistics.median(values) / base_median:.3f} "
-              f"| {min(cpu[arm]) / base_cpu:.3f} |")
-    for arm, count in traces.items():  # no retrace after the warm-up round
-        assert callbacks[arm][0].trace_count == count, (arm, count, callbacks[arm][0].trace_count)
-    return times
+    def trace_counts():
+        return {arm: c[0].trace_count for arm, c in callbacks.items() if c}
+
+    warmed_up = {}
+    wall, cpu = time_arms(models, callbacks, lambda model, arm_callbacks: model.fit(
+        x, y, batch_size=batch, epochs=1, verbose=0, callbacks=arm_callbacks), rounds,
+        on_warmed_up=lambda: warmed_up.update(trace_counts()))
+    print_table(f"{name}: batch {batch}, {batches} batches/round, {rounds} rounds", wall, cpu, batches - 3)
+    assert trace_counts() == warmed_up, (warmed_up, trace_counts())  # no retrace after the warm-up round
+    return wall
 
 
 def main():

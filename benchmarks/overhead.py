@@ -1,10 +1,11 @@
 """Step-time overhead of GradientMonitor against plain `fit`, in one process.
 
-Every arm trains its own copy of the model; rounds interleave the arms
-(A B C … A B C …) after a warm-up round, and each round times the batches of
-one epoch, leaving out the first two (tracing). The table gives each arm's
-fastest and median round as a ratio to plain `fit`, beside an A/A row (plain
-against plain) that shows the noise floor of the machine.
+The method is `benchmarks/interleaved.py`: every arm trains its own copy of
+the model, rounds interleave the arms after a warm-up round, each arm is timed
+from its third batch on, and its time is divided by plain `fit`'s in the same
+round. The table gives the fastest-round ratio, the median paired ratio with
+its quartiles and the CPU-time ratio, beside an A/A row (plain against plain)
+that shows the noise floor of the machine.
 
 Usage:
     python -u benchmarks/overhead.py              # all models, 9 rounds
@@ -13,9 +14,8 @@ Usage:
 
 import argparse
 import os
-import statistics
+import sys
 import tempfile
-import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
@@ -24,6 +24,9 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 import keras_vg  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from interleaved import print_table, time_arms  # noqa: E402
 
 
 def sigmoid_mlp():
@@ -57,20 +60,6 @@ def small_transformer():
 
 
 MODELS = {"mlp": sigmoid_mlp, "cnn": small_cnn, "transformer": small_transformer}
-
-
-class BatchTimer(keras.callbacks.Callback):
-    """Sums wall time per batch, leaving out the first two batches (tracing)."""
-
-    def on_train_begin(self, logs=None):
-        self.total = 0.0
-
-    def on_train_batch_begin(self, batch, logs=None):
-        self._start = time.perf_counter()
-
-    def on_train_batch_end(self, batch, logs=None):
-        if batch >= 2:
-            self.total += time.perf_counter() - self._start
 
 
 class TapeRecompute(keras.callbacks.Callback):
@@ -116,28 +105,15 @@ def run_model(name, rounds, batches):
     x = x[: batch * batches]
     with tempfile.TemporaryDirectory() as log_root:
         arms, models, y = make_arms(build, x, batch, log_root)
-        times = {arm: [] for arm in arms}
-        for round_index in range(rounds + 1):
-            for arm, callbacks in arms.items():
-                timer = BatchTimer()
-                models[arm].fit(x, y[: len(x)], batch_size=batch, epochs=1, verbose=0,
-                                callbacks=callbacks + [timer])
-                if round_index > 0:  # round 0 is the warm-up
-                    times[arm].append(timer.total)
+        wall, cpu = time_arms(models, arms, lambda model, callbacks: model.fit(
+            x, y, batch_size=batch, epochs=1, verbose=0, callbacks=callbacks), rounds)
         event_bytes = sum(
             os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(f"{log_root}/every1") for f in fs
         )
         recorded = (rounds + 1) * batches
-    base_min, base_median = min(times["plain"]), statistics.median(times["plain"])
-    print(f"\n{name}: batch {batch}, {batches} batches/round, {rounds} rounds "
-          f"(plain: fastest {base_min / (batches - 2) * 1e3:.1f} ms/step)")
-    print("| arm | fastest round ratio | median round ratio |\n|---|---|---|")
-    for arm, values in times.items():
-        if arm == "plain":
-            continue
-        print(f"| {arm} | {min(values) / base_min:.3f} | {statistics.median(values) / base_median:.3f} |")
+    print_table(f"{name}: batch {batch}, {batches} batches/round, {rounds} rounds", wall, cpu, batches - 3)
     print(f"event-file bytes per recorded step (every=1): {event_bytes / recorded:.0f}")
-    return times
+    return wall
 
 
 def tap_state_bytes(name):
@@ -149,9 +125,10 @@ def tap_state_bytes(name):
         monitor = keras_vg.GradientMonitor(log_dir, verbose=0)
         model.fit(x[:batch * 2], np.zeros(batch * 2), batch_size=batch, epochs=1, verbose=0, callbacks=[monitor])
         state = sum(int(np.prod(v.shape)) * v.dtype.size for v in monitor.tap.buffers.variables.values())
-        params = sum(int(np.prod(v.shape)) * 4 for v in model.trainable_variables)
-    print(f"{name}: tap buffers {state} bytes; weight copies for update_ratio up to {params} bytes "
-          f"(transient, one step)")
+        observed = monitor.tap._update_meter.observed
+        copied = sum(int(np.prod(v.shape)) * 4 for v, seen in zip(model.trainable_variables, observed) if not seen)
+    print(f"{name}: tap buffers {state} bytes; weight copies for update_ratio {copied} bytes "
+          f"(transient, one step; 0 where the optimizer's updates are observed)")
 
 
 def main():
@@ -159,7 +136,13 @@ def main():
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     parser.add_argument("--rounds", type=int, default=9)
     parser.add_argument("--batches", type=int, default=30)
+    parser.add_argument("--threads", type=int, default=0,
+                        help="TensorFlow intra- and inter-op threads (0: TensorFlow's default). One thread "
+                             "makes the CPU-time column a measure of work on a machine shared with others.")
     args = parser.parse_args()
+    if args.threads:
+        tf.config.threading.set_intra_op_parallelism_threads(args.threads)
+        tf.config.threading.set_inter_op_parallelism_threads(args.threads)
     print(f"TensorFlow {tf.__version__}, Keras {keras.__version__}, devices: "
           f"{[d.device_type for d in tf.config.list_physical_devices()]}")
     for name in args.models:
