@@ -97,7 +97,10 @@ def norms_and_max_abs(tensors, sums_of_squares, nonfinite):
 
     def rescaled():
         def norm_of(t, i):
-            return tf.cond(exact[i], lambda: plain[i], lambda: max_abs[i] * tf.sqrt(2.0 * tf.nn.l2_loss(t / max_abs[i])))
+            def again():
+                return max_abs[i] * tf.sqrt(2.0 * tf.nn.l2_loss(t / max_abs[i]))
+
+            return tf.cond(exact[i], lambda: plain[i], again)
 
         return tf.stack([norm_of(t, i) for i, t in enumerate(tensors)])
 
