@@ -16,6 +16,7 @@ Usage:
     python -u benchmarks/clip_overhead.py                  # the sigmoid MLP, 9 rounds
     python -u benchmarks/clip_overhead.py --models mlp cnn transformer --rounds 7 --batches 40
     python -u benchmarks/clip_overhead.py --threads 1 --rounds 15   # steadier on a shared machine
+    python -u benchmarks/clip_overhead.py --threads 1 --jit         # XLA
 """
 
 import argparse
@@ -53,7 +54,7 @@ OPTIMIZER_ARGUMENTS = {"Keras global_clipnorm (reference)": {"global_clipnorm": 
 """Keras's own clipping, for scale: it too needs every gradient's norm before any update."""
 
 
-def run_model(name, rounds, batches):
+def run_model(name, rounds, batches, jit_compile=False):
     build = MODELS[name]
     keras.utils.set_random_seed(0)
     _, x, batch = build()
@@ -64,7 +65,7 @@ def run_model(name, rounds, batches):
         keras.utils.set_random_seed(0)
         model, _, _ = build()
         model.compile(optimizer=keras.optimizers.Adam(1e-4, **OPTIMIZER_ARGUMENTS.get(arm, {})),
-                      loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+                      loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True), jit_compile=jit_compile)
         models[arm] = model
         clip = make()
         # One callback per arm for all rounds: a later fit reuses the traced function.
@@ -76,7 +77,8 @@ def run_model(name, rounds, batches):
     wall, cpu = time_arms(models, callbacks, lambda model, arm_callbacks: model.fit(
         x, y, batch_size=batch, epochs=1, verbose=0, callbacks=arm_callbacks), rounds,
         on_warmed_up=lambda: warmed_up.update(trace_counts()))
-    print_table(f"{name}: batch {batch}, {batches} batches/round, {rounds} rounds", wall, cpu, batches - 3)
+    xla = ", jit_compile=True" if jit_compile else ""
+    print_table(f"{name}{xla}: batch {batch}, {batches} batches/round, {rounds} rounds", wall, cpu, batches - 3)
     assert trace_counts() == warmed_up, (warmed_up, trace_counts())  # no retrace after the warm-up round
     return wall
 
@@ -89,6 +91,7 @@ def main():
     parser.add_argument("--threads", type=int, default=0,
                         help="TensorFlow intra- and inter-op threads (0: TensorFlow's default). One thread "
                              "makes the CPU-time column a measure of work on a machine shared with others.")
+    parser.add_argument("--jit", action="store_true", help="Compile every arm with jit_compile=True (XLA).")
     args = parser.parse_args()
     if args.threads:
         tf.config.threading.set_intra_op_parallelism_threads(args.threads)
@@ -96,7 +99,7 @@ def main():
     print(f"TensorFlow {tf.__version__}, Keras {keras.__version__}, devices: "
           f"{[d.device_type for d in tf.config.list_physical_devices()]}")
     for name in args.models:
-        run_model(name, args.rounds, args.batches)
+        run_model(name, args.rounds, args.batches, args.jit)
 
 
 if __name__ == "__main__":

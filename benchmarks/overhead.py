@@ -10,6 +10,7 @@ that shows the noise floor of the machine.
 Usage:
     python -u benchmarks/overhead.py              # all models, 9 rounds
     python benchmarks/overhead.py --models mlp --rounds 7 --batches 40
+    python -u benchmarks/overhead.py --threads 1 --jit  # XLA; one thread steadies the CPU-time column
 """
 
 import argparse
@@ -76,7 +77,7 @@ class TapeRecompute(keras.callbacks.Callback):
         self.norms = [float(tf.norm(g)) for g in grads if g is not None]
 
 
-def make_arms(build, x, batch, log_root):
+def make_arms(build, x, batch, log_root, jit_compile):
     y = np.random.randint(0, 10, size=len(x))
     # One set of callbacks per arm for all rounds, as in one long fit: a monitor keeps its
     # traced function across fit calls, so only the warm-up round traces.
@@ -93,25 +94,26 @@ def make_arms(build, x, batch, log_root):
         keras.utils.set_random_seed(0)
         model, _, _ = build()
         model.compile(optimizer=keras.optimizers.Adam(1e-4),
-                      loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+                      loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True), jit_compile=jit_compile)
         models[name] = model
     return arms, models, y
 
 
-def run_model(name, rounds, batches):
+def run_model(name, rounds, batches, jit_compile=False):
     build = MODELS[name]
     keras.utils.set_random_seed(0)
     _, x, batch = build()
     x = x[: batch * batches]
     with tempfile.TemporaryDirectory() as log_root:
-        arms, models, y = make_arms(build, x, batch, log_root)
+        arms, models, y = make_arms(build, x, batch, log_root, jit_compile)
         wall, cpu = time_arms(models, arms, lambda model, callbacks: model.fit(
             x, y, batch_size=batch, epochs=1, verbose=0, callbacks=callbacks), rounds)
         event_bytes = sum(
             os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(f"{log_root}/every1") for f in fs
         )
         recorded = (rounds + 1) * batches
-    print_table(f"{name}: batch {batch}, {batches} batches/round, {rounds} rounds", wall, cpu, batches - 3)
+    xla = ", jit_compile=True" if jit_compile else ""
+    print_table(f"{name}{xla}: batch {batch}, {batches} batches/round, {rounds} rounds", wall, cpu, batches - 3)
     print(f"event-file bytes per recorded step (every=1): {event_bytes / recorded:.0f}")
     return wall
 
@@ -139,6 +141,7 @@ def main():
     parser.add_argument("--threads", type=int, default=0,
                         help="TensorFlow intra- and inter-op threads (0: TensorFlow's default). One thread "
                              "makes the CPU-time column a measure of work on a machine shared with others.")
+    parser.add_argument("--jit", action="store_true", help="Compile every arm with jit_compile=True (XLA).")
     args = parser.parse_args()
     if args.threads:
         tf.config.threading.set_intra_op_parallelism_threads(args.threads)
@@ -146,7 +149,7 @@ def main():
     print(f"TensorFlow {tf.__version__}, Keras {keras.__version__}, devices: "
           f"{[d.device_type for d in tf.config.list_physical_devices()]}")
     for name in args.models:
-        run_model(name, args.rounds, args.batches)
+        run_model(name, args.rounds, args.batches, args.jit)
     for name in args.models:
         tap_state_bytes(name)
 
