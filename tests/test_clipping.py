@@ -187,6 +187,25 @@ def test_compilation_modes_match_tf_function(kwargs):
     assert [e["kind"] for e in clip.drain_events()] == ["clip_on"]
 
 
+@pytest.mark.parametrize("policy", [lambda: keras_vg.GlobalNorm(0.5), lambda: keras_vg.Percentile(p=50),
+                                    lambda: keras_vg.AGC(0.001)], ids=["global_norm", "percentile", "agc"])
+def test_every_policy_clips_under_xla_as_under_tf_function(policy):
+    x, y = regression(batches=6)
+    runs = {}
+    for jit_compile in (False, True):
+        model = build(jit_compile=jit_compile)
+        # No trigger: the policy decides (and clips) from the first step, so the clip branch runs.
+        clip = keras_vg.AutoClip(policy(), trigger=None, verbose=0)
+        fit(model, x, y, [clip])
+        runs[jit_compile] = model, clip.read_new()
+    (reference, expected), (model, records) = runs[False], runs[True]
+    assert sum(v["clipped"] for _, v in records) >= 1
+    for a, b in zip(reference.weights, model.weights):
+        np.testing.assert_allclose(b.numpy(), a.numpy(), rtol=1e-5, atol=1e-7)
+    for (_, a), (_, b) in zip(expected, records):
+        np.testing.assert_allclose(list(b.values()), list(a.values()), rtol=1e-5)
+
+
 def test_mixed_float16_clips_the_unscaled_gradient():
     x, y = regression(batches=3)
     reference = build()

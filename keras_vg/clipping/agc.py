@@ -38,11 +38,11 @@ def unit_axes(shape):
 
 def unitwise_norm(x, axes):
     """L2 norms of `x` over `axes`, kept broadcastable to `x` (None: the whole tensor)."""
-    # One reduction, where square-then-sum would first write a copy of the tensor.
+    # Not tf.math.reduce_euclidean_norm, which would save a pass: XLA has no kernel for it.
     x = tf.cast(x, tf.float32)
     if axes is None:
-        return tf.reshape(tf.math.reduce_euclidean_norm(x), [1] * max(len(x.shape), 1))
-    return tf.math.reduce_euclidean_norm(x, axis=axes, keepdims=True)
+        return tf.reshape(tf.sqrt(2.0 * tf.nn.l2_loss(x)), [1] * max(len(x.shape), 1))
+    return tf.sqrt(tf.reduce_sum(tf.square(x), axis=axes, keepdims=True))
 
 
 class AGC(ClipPolicy):
