@@ -14,6 +14,7 @@ values (`ONLY_FIRST_REPLICA`); activation counts differ per replica and are
 summed (`SUM`).
 """
 
+import threading
 import warnings
 
 import keras
@@ -114,6 +115,30 @@ def _on_record_steps(is_record, record):
     return _keras_compat.unlowered_cond(is_record, run, skip)
 
 
+class _StepContext(threading.local):
+    """The train step being built, per thread: MirroredStrategy runs each replica's step in a thread of its own.
+
+    `depth` is non-zero inside `train_step`; `activations` collects what the
+    layer calls measured, for `apply` to take.
+    """
+
+    def __init__(self):
+        self.depth = 0
+        self.activations = []
+
+
+def _usable_here(tensor):
+    """Whether `tensor` can be used in the graph being built: its own, or one nested inside it."""
+    if tf.executing_eagerly():
+        return True
+    graph = tf.compat.v1.get_default_graph()
+    while graph is not None:
+        if graph is tensor.graph:
+            return True
+        graph = getattr(graph, "outer_graph", None)
+    return False
+
+
 class Tap:
     """Records per-variable and per-layer statistics inside the train step.
 
@@ -148,7 +173,8 @@ class Tap:
         # Where each dead-unit layer's units start in the one `fired` buffer.
         self._unit_offsets = np.cumsum([0] + [units for _, _, units in self.dead_layers]).tolist()
         self.trace_count = 0
-        self._in_train_step = 0
+        self._step_context = _StepContext()
+        self._unreadable = set()
         self._undo = []
         self.last_read_step = -1
 
@@ -205,7 +231,6 @@ class Tap:
             buffers.add("fired/acc", [self._unit_offsets[-1]], total)
         if self.saturation_layers:
             buffers.add("saturated", [capacity, len(self.saturation_layers), 2], total)
-            buffers.add("saturated/acc", [len(self.saturation_layers), 2], total)
         return buffers
 
     def install(self):
@@ -276,11 +301,14 @@ class Tap:
         def train_step(*args, **kwargs):
             # Layer calls outside the train step (evaluate, predict) must not
             # count towards the training window.
-            self._in_train_step += 1
+            context = self._step_context
+            if not context.depth:
+                context.activations = []  # left over only by a trace that failed
+            context.depth += 1
             try:
                 return original(*args, **kwargs)
             finally:
-                self._in_train_step -= 1
+                context.depth -= 1
 
         return train_step
 
@@ -288,11 +316,9 @@ class Tap:
         def make(original):
             def call(*args, **kwargs):
                 outputs = original(*args, **kwargs)
-                if self._in_train_step and isinstance(outputs, tf.Tensor):
+                if self._step_context.depth and isinstance(outputs, tf.Tensor):
                     with tf.name_scope("keras_vg"):
-                        start, end = self._unit_offsets[index], self._unit_offsets[index + 1]
-                        fired = stats.fired_units(outputs, axis)
-                        self.buffers["fired/acc"].assign_add(tf.pad(fired, [[start, self._unit_offsets[-1] - end]]))
+                        self._step_context.activations.append(("fired", index, stats.fired_units(outputs, axis)))
                 return outputs
 
             return call
@@ -303,23 +329,62 @@ class Tap:
         def make(original):
             def call(*args, **kwargs):
                 outputs = original(*args, **kwargs)
-                if self._in_train_step and isinstance(outputs, tf.Tensor):
-                    # Saturation is a property of the step measured, not a window: count it on
-                    # record steps only, so that other steps skip a pass over the activations.
-                    with tf.name_scope("keras_vg"):
-                        accumulator = self.buffers["saturated/acc"]
-                        shape = accumulator.shape
-
-                        def count():
-                            counts = tf.stack(stats.saturated_count(outputs, kind, self.saturation_epsilon))
-                            accumulator.assign_add(tf.scatter_nd([[index]], counts[tf.newaxis], shape))
-
-                        self._on_record_steps(count)
+                if self._step_context.depth and isinstance(outputs, tf.Tensor):
+                    # Counted later, in the record-step branch of `apply`: a branch per
+                    # layer here costs more than the count it skips.
+                    self._step_context.activations.append(("saturated", index, (outputs, kind)))
                 return outputs
 
             return call
 
         return make
+
+    def _take_activations(self):
+        """Takes the activation measurements the step's layer calls left, as `(fired, saturated)`.
+
+        Layer calls come before `apply` in the same graph, so their tensors can
+        be used there; those of a layer the model calls inside control flow of
+        its own (a `tf.while_loop`) cannot, and are left out with a warning.
+
+        Returns:
+            Two lists of `(layer index, value)`: fired-unit marks, and
+            `(outputs, kind)` to count saturation in.
+        """
+        context = self._step_context
+        pending, context.activations = context.activations, []
+        fired, saturated = [], []
+        for name, index, value in pending:
+            if _usable_here(value[0] if name == "saturated" else value):
+                (fired if name == "fired" else saturated).append((index, value))
+            elif (name, index) not in self._unreadable:
+                self._unreadable.add((name, index))
+                layers = self.dead_layers if name == "fired" else self.saturation_layers
+                statistic = "dead_fraction" if name == "fired" else "saturation_fraction"
+                warnings.warn(
+                    f"GradientMonitor's {statistic} of layer {layers[index][0].name!r} leaves out the calls "
+                    "the model makes inside control flow of its own (a tf.while_loop or tf.cond): their "
+                    "activations cannot be read where the optimizer step is built.",
+                    stacklevel=2,
+                )
+        return fired, saturated
+
+    def _accumulate_fired(self, fired):
+        """Adds the step's fired-unit marks of all layers to the window, in one write."""
+        if not self.dead_layers:
+            return
+        by_layer = {}
+        for index, marks in fired:  # a layer called twice marks what fired in either call
+            by_layer[index] = by_layer[index] + marks if index in by_layer else marks
+        if by_layer:
+            self.buffers["fired/acc"].assign_add(tf.concat(
+                [by_layer.get(i, tf.zeros([units])) for i, (_, _, units) in enumerate(self.dead_layers)], axis=0))
+
+    def _count_saturated(self, saturated, slot):
+        """Writes the saturation counts of the step's activations, all layers, to row `slot`."""
+        counts = [tf.zeros([2])] * len(self.saturation_layers)
+        for index, (outputs, kind) in saturated:
+            counts[index] = counts[index] + tf.stack(stats.saturated_count(outputs, kind, self.saturation_epsilon))
+        _write_row(self.buffers["saturated"], tf.stack(counts), slot)
 
     def _position(self, variable):
         return self._index.get(id(variable), self._index.get(id(backend_value(variable))))
@@ -367,6 +432,8 @@ class Tap:
             grads = list(grads)
             with tf.name_scope("keras_vg"):
                 step, is_record = self._step()
+                fired, saturated = self._take_activations()
+                self._accumulate_fired(fired)
                 if self._gradients_in_apply:
                     self._observe_local_gradients(grads, variables)
 
@@ -389,7 +456,7 @@ class Tap:
             else:
                 apply_and_record(lambda record: self._on_record_steps(record, is_record))
             with tf.name_scope("keras_vg"):
-                self._on_record_steps(lambda: self._close_windows(step), is_record)
+                self._on_record_steps(lambda: self._close_windows(step, saturated), is_record)
 
         return apply
 
@@ -424,11 +491,12 @@ class Tap:
         ratio_row = tf.tensor_scatter_nd_update(tf.fill([n], float("nan")), positions, ratios)
         _write_row(self.buffers["update_ratio"], ratio_row, slot)
 
-    def _close_windows(self, step):
+    def _close_windows(self, step, saturated):
         slot = self._slot(step)
-        for name in ("fired", "saturated"):
-            if name in self.buffers.variables:
-                _close_window(self.buffers[name + "/acc"], self.buffers[name], slot)
+        if self.dead_layers:
+            _close_window(self.buffers["fired/acc"], self.buffers["fired"], slot)
+        if self.saturation_layers:
+            self._count_saturated(saturated, slot)
         _write_row(self.buffers["steps"], step, slot)
 
     # Host side -----------------------------------------------------------------

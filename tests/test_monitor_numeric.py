@@ -165,3 +165,78 @@ def test_mixed_float16_values_are_unscaled(tmp_path, regression_data_module, fun
     reference = function_reference.stat("grad_norm")[2][: len(steps)]
     # The loss scale starts at 32768: scaled values would be off by that factor.
     np.testing.assert_allclose(values, reference, rtol=2e-2)
+
+
+class ActivationProbe(keras.callbacks.Callback):
+    """Before each step, the activations of `layer_names` on that step's batch (weights not yet updated)."""
+
+    def __init__(self, x, layer_names):
+        super().__init__()
+        self.x, self.layer_names, self.outputs = x, layer_names, []
+
+    def on_train_batch_begin(self, batch, logs=None):
+        probe = keras.Model(self.model.inputs[0], [self.model.get_layer(n).output for n in self.layer_names])
+        self.outputs.append([o.numpy() for o in probe(self.x[batch * BATCH:(batch + 1) * BATCH])])
+
+
+@pytest.mark.parametrize("mode", ["function", "xla"])
+def test_dead_and_saturation_fractions_match_numpy_on_the_steps_activations(mode, tmp_path):
+    """Saturation of the recorded step's own batch; dead units over every step since the previous record."""
+    keras.utils.set_random_seed(1)
+    # Biases from 0 down to -4: the first units fire on most samples, the last on none.
+    graded = keras.initializers.Constant(np.linspace(0.0, -4.0, 32))
+    model = keras.Sequential([
+        keras.Input((8,)),
+        keras.layers.Dense(32, activation="relu", bias_initializer=graded, name="relu"),
+        keras.layers.Dense(16, activation="sigmoid", kernel_initializer=keras.initializers.RandomNormal(0, 2),
+                           name="sigmoid"),
+        keras.layers.Dense(16, activation="tanh", kernel_initializer=keras.initializers.RandomNormal(0, 2),
+                           name="tanh"),
+        keras.layers.Dense(1),
+    ])
+    model.compile(optimizer=keras.optimizers.SGD(LEARNING_RATE), loss="mse", **MODES[mode])
+    rng = np.random.RandomState(0)
+    x = rng.randn(9 * BATCH, 8).astype("float32")
+    y = rng.randn(9 * BATCH, 1).astype("float32")
+    probe = ActivationProbe(x, ["relu", "sigmoid", "tanh"])
+    every = 3
+    model.fit(x, y, batch_size=BATCH, epochs=1, shuffle=False, verbose=0,
+              callbacks=[probe, keras_vg.GradientMonitor(tmp_path, every=every, verbose=0)])
+    run = keras_vg.read_run(tmp_path)
+
+    steps, names, saturation = run.stat("saturation_fraction")
+    np.testing.assert_array_equal(steps, [0, 3, 6])
+    assert names == ["sigmoid", "tanh"]
+    for row, step in enumerate(steps):
+        sigmoid, tanh = probe.outputs[step][1], probe.outputs[step][2]
+        expected = [np.mean((sigmoid < 0.01) | (sigmoid > 0.99)), np.mean(np.abs(tanh) > 0.99)]
+        np.testing.assert_allclose(saturation[row], expected, atol=1e-6)
+    assert 0 < saturation.min() and saturation.max() < 1  # neither count is trivially 0 or all
+
+    steps, names, dead = run.stat("dead_fraction")
+    assert names == ["relu"]
+    for row, step in enumerate(steps):
+        window = range(max(step - every + 1, 0), step + 1)
+        fired = np.any([np.any(probe.outputs[s][0] > 0, axis=0) for s in window], axis=0)
+        np.testing.assert_allclose(dead[row, 0], np.mean(~fired), atol=1e-6)
+    assert 0 < dead.min() and dead.max() < 1
+
+
+def test_layer_called_inside_the_models_own_loop_is_left_out_with_a_warning(tmp_path, regression_data):
+    class Looped(keras.Model):
+        def __init__(self):
+            super().__init__()
+            self.inner = keras.layers.Dense(8, activation="sigmoid", name="looped")
+            self.head = keras.layers.Dense(1)
+
+        def call(self, x):
+            _, h = tf.while_loop(lambda i, h: i < 2, lambda i, h: (i + 1, self.inner(h)), (0, x))
+            return self.head(h)
+
+    model = Looped()
+    model.compile(optimizer="sgd", loss="mse")
+    model(regression_data[0][:1])
+    with pytest.warns(UserWarning, match="'looped'.*control flow"):
+        _, run = fit_monitored(model, regression_data, tmp_path)
+    assert len(run.stat("grad_norm")[0]) == 4  # the rest is recorded
+    assert np.all(np.isnan(run.stat("saturation_fraction")[2]))
