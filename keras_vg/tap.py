@@ -463,8 +463,11 @@ class Tap:
     def _can_branch_around_apply(self):
         # Under a strategy the update calls merge_call, which a tf.cond branch
         # must not contain (keras-team/keras#20582); an unbuilt optimizer
-        # creates variables in apply, which a branch must not either.
-        return tf.distribute.get_replica_context().num_replicas_in_sync == 1 and self.optimizer.built
+        # creates variables in apply, which a branch must not either. Under XLA
+        # a conditional that updates every variable makes XLA copy them all, which
+        # costs more than the norms it skips (docs/PERFORMANCE.md).
+        return (tf.distribute.get_replica_context().num_replicas_in_sync == 1 and self.optimizer.built
+                and not getattr(self.model, "jit_compile", False))
 
     def _observe_local_gradients(self, grads, variables):
         scale = getattr(self.optimizer, "loss_scale_factor", None)

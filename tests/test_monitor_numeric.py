@@ -144,6 +144,17 @@ def test_every_with_steps_per_execution_records_each_steps_own_values(
     np.testing.assert_allclose(values, function_reference.stat("grad_norm")[2][::every], rtol=2e-5)
 
 
+def test_xla_with_every_records_each_recorded_steps_update(tmp_path, regression_data_module, function_reference):
+    # Under XLA the update is not branched around (see Tap._can_branch_around_apply): the
+    # ratio is measured every step and kept on record steps only.
+    model = build_mlp(adam, jit_compile=True)
+    _, run = fit_monitored(model, regression_data_module, tmp_path, epochs=2, every=3)
+    for stat in ("grad_norm", "weight_norm", "update_ratio"):
+        steps, _, values = run.stat(stat)
+        np.testing.assert_array_equal(steps, [0, 3, 6])
+        np.testing.assert_allclose(values, function_reference.stat(stat)[2][::3], rtol=2e-5, atol=1e-7, err_msg=stat)
+
+
 def test_mirrored_strategy_equals_single_device(tmp_path, regression_data_module, function_reference, two_cpu_strategy):
     model = build_mlp(adam, strategy=two_cpu_strategy)
     _, run = fit_monitored(model, regression_data_module, tmp_path, epochs=2)
