@@ -15,6 +15,7 @@ Private names used here, and why:
   `unlowered_cond`).
 """
 
+import contextlib
 import warnings
 
 import keras
@@ -112,15 +113,19 @@ def update_is_observable(optimizer, variable):
     Returns:
         A bool.
     """
-    if not keras_version_is_tested():
-        return False
-    if not any(type(optimizer) is getattr(keras.optimizers, name) for name in _OBSERVABLE_OPTIMIZERS):
+    if not _writes_through_assign(optimizer):
         return False
     if getattr(optimizer, "use_ema", False) and getattr(optimizer, "ema_overwrite_frequency", None):
         return False
     if getattr(variable, "constraint", None) is not None or getattr(variable, "overwrite_with_gradient", False):
         return False
     return optimizer.weight_decay is None or not optimizer._use_weight_decay(variable)
+
+
+def _writes_through_assign(optimizer):
+    """Whether the optimizer's `update_step` writes every variable through its public `assign*`."""
+    return keras_version_is_tested() and any(
+        type(optimizer) is getattr(keras.optimizers, name) for name in _OBSERVABLE_OPTIMIZERS)
 
 
 PRE_CLIP = 0
@@ -221,7 +226,7 @@ def aggregated_gradient_stages(optimizer):
 #   by `load_weights`, without appearing in `model.layers` or `model.weights`.
 
 
-def install_update_guard(optimizer, should_apply):
+def install_update_guard(optimizer, should_apply, masked=False):
     """Makes an optimizer's variable updates conditional on an in-graph flag.
 
     After the hook, `_backend_update_step` all-reduces the gradients (running
@@ -231,12 +236,19 @@ def install_update_guard(optimizer, should_apply):
     every replica. `iterations` is not touched here: Keras increments it after
     `_backend_update_step`, whatever happened inside.
 
+    The update runs inside a `tf.cond`, except with `masked=True` for a
+    built-in optimizer on one replica: then every write the update makes
+    selects the variable's old value where the flag is False. Under XLA a
+    conditional that writes every variable makes XLA copy them all on every
+    step; a select fuses into the write.
+
     Args:
         optimizer: A Keras TensorFlow-backend optimizer, already unwrapped
             (see `applying_optimizer`).
         should_apply: A function of no arguments, called once per trace in
             the replica context, returning a scalar boolean tensor or None
             (update unconditionally).
+        masked: Prefer masked writes to a branch (for XLA).
 
     Returns:
         A function that removes the hook, or None when this Keras version
@@ -251,7 +263,7 @@ def install_update_guard(optimizer, should_apply):
         return None
     import tensorflow as tf
 
-    def decay(distribution, variables):
+    def decay(distribution, variables, apply=None):
         # Keras's own decay (TFOptimizer._apply_weight_decay), callable from a cross-replica context.
         if optimizer.weight_decay is None:
             return
@@ -260,14 +272,14 @@ def install_update_guard(optimizer, should_apply):
             if optimizer._use_weight_decay(variable):
                 lr = tf.cast(optimizer.learning_rate, variable.dtype)
                 wd = tf.cast(optimizer.weight_decay, variable.dtype)
-                variable.assign_sub(variable * wd * lr)
+                variable.assign_sub(_where(apply, variable * wd * lr, 0.0))
 
         for variable in variables:
             distribution.extended.update(variable, weight_decay_fn, group=False)
 
     def guarded_update(distribution, grads_and_vars, learning_rate, flag, variables):
-        def update():
-            decay(distribution, variables)
+        def update(apply=None):
+            decay(distribution, variables, apply)
             optimizer._distributed_tf_update_step(distribution, grads_and_vars, learning_rate)
             return tf.constant(True)
 
@@ -276,7 +288,11 @@ def install_update_guard(optimizer, should_apply):
             return
         # Every replica decided on the same summed gradient; all() is there for safety.
         apply = tf.reduce_all(tf.stack(distribution.experimental_local_results(flag)))
-        tf.cond(apply, update, lambda: tf.constant(False))
+        if masked and distribution.num_replicas_in_sync == 1 and _writes_through_assign(optimizer):
+            with _masked_writes(optimizer, apply):
+                update(apply)
+        else:
+            tf.cond(apply, update, lambda: tf.constant(False))
 
     def backend_update_step(grads, trainable_variables, learning_rate):
         variables = [v.value if isinstance(v, keras.Variable) else v for v in trainable_variables]
@@ -298,6 +314,70 @@ def install_update_guard(optimizer, should_apply):
                 delattr(optimizer, name)
 
     return remove
+
+
+def _where(apply, value, otherwise):
+    """`value` where `apply` is True (or None), else `otherwise`; sparse values keep their indices."""
+    import tensorflow as tf
+
+    if apply is None:
+        return value
+    if isinstance(value, tf.IndexedSlices):
+        return tf.IndexedSlices(_where(apply, value.values, otherwise), value.indices, value.dense_shape)
+    value = tf.convert_to_tensor(value)
+    return tf.where(apply, value, tf.cast(otherwise, value.dtype))
+
+
+@contextlib.contextmanager
+def _masked_writes(optimizer, apply):
+    """Makes the optimizer's `assign*` calls leave their variable unchanged where `apply` is False.
+
+    Bit for bit: x + (−0.0) and x − (+0.0) are x for every x, −0.0 included.
+    """
+    import tensorflow as tf
+
+    def masked(method, original):
+        def write(variable, value):
+            if method == "assign_add":
+                value = _where(apply, value, -0.0)
+            elif method == "assign_sub":
+                value = _where(apply, value, 0.0)
+            else:
+                current = tf.convert_to_tensor(variable.value if isinstance(variable, keras.Variable) else variable)
+                if isinstance(value, tf.IndexedSlices):
+                    current = tf.gather(current, value.indices)
+                value = _where(apply, value, current)
+            return original(variable, value)
+
+        return write
+
+    with wrapped_assign_methods(optimizer, masked):
+        yield
+
+
+ASSIGN_METHODS = ("assign", "assign_add", "assign_sub")
+"""The optimizer methods through which the built-in optimizers write their variables."""
+
+
+@contextlib.contextmanager
+def wrapped_assign_methods(optimizer, wrap):
+    """Replaces the optimizer instance's `assign*` methods while the block runs (a trace).
+
+    Args:
+        optimizer: A Keras optimizer.
+        wrap: A function `(method_name, original) -> replacement`.
+    """
+    own = {name: optimizer.__dict__[name] for name in ASSIGN_METHODS if name in optimizer.__dict__}
+    for name in ASSIGN_METHODS:
+        setattr(optimizer, name, wrap(name, getattr(optimizer, name)))
+    try:
+        yield
+    finally:
+        for name in ASSIGN_METHODS:
+            if name in own:
+                setattr(optimizer, name, own[name])
+            else:
+                delattr(optimizer, name)
 
 
 def attach_saved_state(model, name, saveable):

@@ -24,8 +24,6 @@ import tensorflow as tf
 
 from keras_vg import _keras_compat, stats
 
-_ASSIGN_METHODS = ("assign", "assign_add", "assign_sub")
-
 
 def backend_value(variable):
     """The backend variable of a Keras variable (a tf.Variable passes through)."""
@@ -130,18 +128,9 @@ class UpdateMeter:
         if not calls:
             yield
             return
-        optimizer = self.optimizer
-        own = {name: optimizer.__dict__[name] for name in _ASSIGN_METHODS if name in optimizer.__dict__}
-        for name in _ASSIGN_METHODS:
-            setattr(optimizer, name, self._observer(getattr(optimizer, name), name, calls, weights_read))
-        try:
+        with _keras_compat.wrapped_assign_methods(
+                self.optimizer, lambda name, original: self._observer(original, name, calls, weights_read)):
             yield
-        finally:
-            for name in _ASSIGN_METHODS:
-                if name in own:
-                    setattr(optimizer, name, own[name])
-                else:
-                    delattr(optimizer, name)
 
     def _observer(self, original, method, calls, weights_read):
         def observe(variable, value):

@@ -353,7 +353,8 @@ class AutoClip(keras.callbacks.Callback):
         _installed[optimizer] = self
         self._undo.append(stages.add(self._stage, _keras_compat.CLIP))
         if self.policy.skip_nonfinite:
-            remove = _keras_compat.install_update_guard(optimizer, self._take_flag)
+            remove = _keras_compat.install_update_guard(optimizer, self._take_flag,
+                                                        masked=bool(getattr(self.model, "jit_compile", False)))
             if remove is None:
                 warnings.warn("AutoClip cannot skip non-finite steps on this Keras version; they are applied.",
                               stacklevel=3)
