@@ -328,9 +328,8 @@ def _where(apply, value, otherwise):
     return tf.where(apply, value, tf.cast(otherwise, value.dtype))
 
 
-@contextlib.contextmanager
 def _masked_writes(optimizer, apply):
-    """Makes the optimizer's `assign*` calls leave their variable unchanged where `apply` is False.
+    """A context in which the optimizer's `assign*` calls leave their variable unchanged where `apply` is False.
 
     Bit for bit: x + (−0.0) and x − (+0.0) are x for every x, −0.0 included.
     """
@@ -351,12 +350,10 @@ def _masked_writes(optimizer, apply):
 
         return write
 
-    with wrapped_assign_methods(optimizer, masked):
-        yield
+    return wrapped_assign_methods(optimizer, masked)
 
 
-ASSIGN_METHODS = ("assign", "assign_add", "assign_sub")
-"""The optimizer methods through which the built-in optimizers write their variables."""
+_ASSIGN_METHODS = ("assign", "assign_add", "assign_sub")
 
 
 @contextlib.contextmanager
@@ -367,13 +364,13 @@ def wrapped_assign_methods(optimizer, wrap):
         optimizer: A Keras optimizer.
         wrap: A function `(method_name, original) -> replacement`.
     """
-    own = {name: optimizer.__dict__[name] for name in ASSIGN_METHODS if name in optimizer.__dict__}
-    for name in ASSIGN_METHODS:
+    own = {name: optimizer.__dict__[name] for name in _ASSIGN_METHODS if name in optimizer.__dict__}
+    for name in _ASSIGN_METHODS:
         setattr(optimizer, name, wrap(name, getattr(optimizer, name)))
     try:
         yield
     finally:
-        for name in ASSIGN_METHODS:
+        for name in _ASSIGN_METHODS:
             if name in own:
                 setattr(optimizer, name, own[name])
             else:
