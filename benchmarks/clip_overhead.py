@@ -7,10 +7,12 @@ beside an A/A row (plain against plain) that shows the noise floor of the
 machine.
 
 The policy arms are armed (the default): training is calm, so they pay for the
-decision every step (global norm, statistics, records) but clip nothing. The
-last two arms clip every step (no trigger, a bound below every norm): the
+decision every step (global norm, statistics, records, the skip guard) but
+clip nothing; one of them without the skip guard (`skip_nonfinite=False`).
+Two arms clip every step (no trigger, a bound below every norm): the
 global-norm one adds one multiplication per gradient, the AGC one the
-unit-wise norms of every weight and gradient.
+unit-wise norms of every weight and gradient. The last arm is Keras's own
+`global_clipnorm`, for scale.
 
 Usage:
     python -u benchmarks/clip_overhead.py                  # the sigmoid MLP, 9 rounds
@@ -42,6 +44,9 @@ ARMS = {
     "AutoClip percentile": lambda: keras_vg.AutoClip("percentile", verbose=0),
     "AutoClip agc": lambda: keras_vg.AutoClip("agc", verbose=0),
     "AutoClip global_norm": lambda: keras_vg.AutoClip("global_norm", verbose=0),
+    # What the skip guard around the update costs: the same, without it.
+    "AutoClip global_norm, skip_nonfinite=False": lambda: keras_vg.AutoClip(
+        keras_vg.GlobalNorm(skip_nonfinite=False), verbose=0),
     "AutoClip global_norm, clipping every step": lambda: keras_vg.AutoClip(
         keras_vg.GlobalNorm(1e-6), trigger=None, verbose=0),
     # Armed AGC computes nothing unit-wise (see AGC.lazy); switched on, it reads every weight.
