@@ -14,6 +14,7 @@ values (`ONLY_FIRST_REPLICA`); activation counts differ per replica and are
 summed (`SUM`).
 """
 
+import functools
 import threading
 import warnings
 
@@ -248,9 +249,13 @@ class Tap:
         self._wrap_instance_method(self.optimizer, "apply", self._apply)
         self._wrap_instance_method(self.model, "train_step", self._train_step)
         for i, (layer, axis, _) in enumerate(self.dead_layers):
-            self._wrap_instance_method(layer, "call", self._dead_call(i, axis))
-        for i, (layer, kind) in enumerate(self.saturation_layers):
-            self._wrap_instance_method(layer, "call", self._saturation_call(i, kind))
+            # Marks are taken at once (a small vector); the window is added to in `apply`.
+            measure = functools.partial(stats.fired_units, unit_axis=axis)
+            self._wrap_instance_method(layer, "call", self._activation_call("fired", i, measure))
+        for i, (layer, _) in enumerate(self.saturation_layers):
+            # Counted in the record-step branch of `apply`: a branch per layer here
+            # costs more than the count it skips.
+            self._wrap_instance_method(layer, "call", self._activation_call("saturated", i, lambda outputs: outputs))
         # Where gradient statistics are taken: in `apply` on one replica (before any
         # Keras clipping); under a strategy, from the replica-summed gradient, through the
         # private hook or, where it is unavailable, an all-reduce of our own.
@@ -312,27 +317,14 @@ class Tap:
 
         return train_step
 
-    def _dead_call(self, index, axis):
+    def _activation_call(self, name, index, measure):
+        """Wraps a layer's `call` to leave `measure(outputs)` of a training call for `apply`."""
         def make(original):
             def call(*args, **kwargs):
                 outputs = original(*args, **kwargs)
                 if self._step_context.depth and isinstance(outputs, tf.Tensor):
                     with tf.name_scope("keras_vg"):
-                        self._step_context.activations.append(("fired", index, stats.fired_units(outputs, axis)))
-                return outputs
-
-            return call
-
-        return make
-
-    def _saturation_call(self, index, kind):
-        def make(original):
-            def call(*args, **kwargs):
-                outputs = original(*args, **kwargs)
-                if self._step_context.depth and isinstance(outputs, tf.Tensor):
-                    # Counted later, in the record-step branch of `apply`: a branch per
-                    # layer here costs more than the count it skips.
-                    self._step_context.activations.append(("saturated", index, (outputs, kind)))
+                        self._step_context.activations.append((name, index, measure(outputs)))
                 return outputs
 
             return call
@@ -347,15 +339,15 @@ class Tap:
         its own (a `tf.while_loop`) cannot, and are left out with a warning.
 
         Returns:
-            Two lists of `(layer index, value)`: fired-unit marks, and
-            `(outputs, kind)` to count saturation in.
+            Two lists of `(layer index, tensor)`: fired-unit marks, and
+            outputs to count saturation in.
         """
         context = self._step_context
         pending, context.activations = context.activations, []
         fired, saturated = [], []
-        for name, index, value in pending:
-            if _usable_here(value[0] if name == "saturated" else value):
-                (fired if name == "fired" else saturated).append((index, value))
+        for name, index, tensor in pending:
+            if _usable_here(tensor):
+                (fired if name == "fired" else saturated).append((index, tensor))
             elif (name, index) not in self._unreadable:
                 self._unreadable.add((name, index))
                 layers = self.dead_layers if name == "fired" else self.saturation_layers
@@ -382,7 +374,8 @@ class Tap:
     def _count_saturated(self, saturated, slot):
         """Writes the saturation counts of the step's activations, all layers, to row `slot`."""
         counts = [tf.zeros([2])] * len(self.saturation_layers)
-        for index, (outputs, kind) in saturated:
+        for index, outputs in saturated:
+            kind = self.saturation_layers[index][1]
             counts[index] = counts[index] + tf.stack(stats.saturated_count(outputs, kind, self.saturation_epsilon))
         _write_row(self.buffers["saturated"], tf.stack(counts), slot)
 
