@@ -23,7 +23,9 @@ def squared_norms(tensors):
     """Returns the sum of squares of each tensor, as a float32 vector.
 
     One fused op per tensor (`l2_loss`), which is all a step that records
-    nothing but non-finite counts pays.
+    nothing but non-finite counts pays. The factor 2 is applied once to the
+    vector: graph ops cost about a microsecond each to run, whatever their
+    size, and a step measures hundreds of tensors.
 
     Args:
         tensors: A list of float32 tensors.
@@ -36,7 +38,7 @@ def squared_norms(tensors):
     >>> squared_norms([tf.constant([3.0, 4.0]), tf.constant([1.0])]).numpy().tolist()
     [25.0, 1.0]
     """
-    return tf.stack([2.0 * tf.nn.l2_loss(t) for t in tensors])
+    return 2.0 * tf.stack([tf.nn.l2_loss(t) for t in tensors])
 
 
 def nonfinite_counts(tensors, sums_of_squares):
@@ -87,7 +89,7 @@ def norms_and_max_abs(tensors, sums_of_squares, nonfinite):
     >>> [v.numpy().tolist() for v in norms_and_max_abs(t, sums, nonfinite_counts(t, sums))]
     [[5.0], [4.0]]
     """
-    max_abs = tf.stack([_max_abs(t) for t in tensors])
+    max_abs = _max_abs(tensors)
     # Squares below float32's smallest normal (~1.2e-38) are flushed to zero. Their total
     # stays under 1e-7 of the sum while the sum exceeds size · 1.2e-31.
     sizes = tf.stack([tf.cast(tf.size(t), tf.float32) for t in tensors])
@@ -108,12 +110,14 @@ def norms_and_max_abs(tensors, sums_of_squares, nonfinite):
     return norms, max_abs
 
 
-def _max_abs(t):
-    if t.shape.num_elements() == 0:
-        return tf.constant(0.0)
-    # Two reductions rather than abs() then one: abs() would allocate a copy of the
-    # gradient, which costs more than reading it twice.
-    return tf.maximum(tf.reduce_max(t), -tf.reduce_min(t))
+def _max_abs(tensors):
+    # A maximum and a minimum rather than abs() then a maximum: abs() would allocate a
+    # copy of the gradient, which costs more than reading it twice. They are combined
+    # on the stacked vectors, in two ops rather than two per tensor.
+    empty = tf.constant(0.0)
+    maxima = tf.stack([tf.reduce_max(t) if t.shape.num_elements() != 0 else empty for t in tensors])
+    minima = tf.stack([tf.reduce_min(t) if t.shape.num_elements() != 0 else empty for t in tensors])
+    return tf.maximum(maxima, -minima)
 
 
 def global_norm(norms):

@@ -30,12 +30,13 @@ def backend_value(variable):
     return variable.value if isinstance(variable, keras.Variable) else variable
 
 
-def _squared_norm(value):
+def _half_squared_norm(value):
+    """‖value‖² / 2, in one fused op: the factor 2 is applied once to all variables' vector."""
     if isinstance(value, tf.IndexedSlices):
         # Rows given twice are added twice by the scatter: sum them before squaring.
         rows, row_of = tf.unique(value.indices)
         value = tf.math.unsorted_segment_sum(value.values, row_of, tf.shape(rows)[0])
-    return stats.squared_norms([tf.cast(value, tf.float32)])[0]
+    return tf.nn.l2_loss(tf.cast(value, tf.float32))
 
 
 class UpdateMeter:
@@ -63,12 +64,12 @@ class UpdateMeter:
         self.observed = [not distributed and _keras_compat.update_is_observable(optimizer, v) for v in variables]
         self._names = [v.path for v in variables]
         self._warned = False
-        self._change_squares = None
+        self._half_change_squares = None
         if any(self.observed):
-            # Written wherever the update runs, tf.cond branches included (loss scaling,
-            # AutoClip's skip), from where a tensor could not be handed back out.
-            self._change_squares = tf.Variable(tf.zeros([len(variables)]), trainable=False,
-                                               name="keras_vg_change_squares")
+            # For updates inside a tf.cond branch (loss scaling, AutoClip's skip), from where
+            # a tensor cannot be handed back out.
+            self._half_change_squares = tf.Variable(tf.zeros([len(variables)]), trainable=False,
+                                                    name="keras_vg_change_squares")
 
     def around(self, variables, update):
         """Runs `update()`, measuring the given variables around it.
@@ -89,21 +90,34 @@ class UpdateMeter:
         observed = [(v, p) for v, p in present if self.observed[p]]
         copied = [(v, p) for v, p in present if not self.observed[p]]
         calls = {p: 0 for _, p in observed}
+        # ‖Δw‖²/2 of the updates traced in this graph, by position; those traced inside a
+        # branch are written to the variable at once (see `_observer`).
+        half_squares = {}
         weight_squares = None
         with tf.name_scope("keras_vg"):
             before = [tf.identity(backend_value(v)) for v, _ in copied]
             if observed:
-                self._change_squares.assign(tf.zeros_like(self._change_squares))
+                # A branch not taken must read as no change.
+                self._half_change_squares.assign(tf.zeros_like(self._half_change_squares))
                 weight_squares = stats.squared_norms([tf.cast(backend_value(v), tf.float32) for v, _ in observed])
-        with self._observing(calls, weight_squares):
+        with self._observing(calls, weight_squares, half_squares):
             update()
         self._warn_unobserved([p for p, count in calls.items() if count != 1])
+        indices = [p for _, p in observed]
+        from_variable = not all(p in half_squares for p in indices)
+        if from_variable and half_squares:
+            with tf.name_scope("keras_vg"):
+                self._half_change_squares.scatter_nd_update(
+                    [[p] for p in half_squares], tf.stack(list(half_squares.values())))
 
         def finish():
             norms, ratios, positions = [], [], []
             if observed:
-                indices = [p for _, p in observed]
-                changes = tf.sqrt(tf.gather(self._change_squares.read_value(), indices))
+                if from_variable:
+                    halves = tf.gather(self._half_change_squares.read_value(), indices)
+                else:
+                    halves = tf.stack([half_squares[p] for p in indices])
+                changes = tf.sqrt(2.0 * halves)
                 weight_norms = tf.sqrt(weight_squares)
                 ratio = stats.change_ratios(weight_norms, changes)
                 unmeasured = tf.constant([calls[p] != 1 for p in indices])
@@ -123,42 +137,48 @@ class UpdateMeter:
         return finish
 
     @contextlib.contextmanager
-    def _observing(self, calls, weights_read):
+    def _observing(self, calls, weights_read, half_squares):
         """Wraps the optimizer's assign methods while `update` is traced."""
         if not calls:
             yield
             return
+        graph = tf.compat.v1.get_default_graph()
         with _keras_compat.wrapped_assign_methods(
-                self.optimizer, lambda name, original: self._observer(original, name, calls, weights_read)):
+                self.optimizer,
+                lambda name, original: self._observer(original, name, calls, weights_read, half_squares, graph)):
             yield
 
-    def _observer(self, original, method, calls, weights_read):
+    def _observer(self, original, method, calls, weights_read, half_squares, graph):
         def observe(variable, value):
             position = self.position_of(variable)
             if position not in calls:
                 return original(variable, value)
             calls[position] += 1
             with tf.name_scope("keras_vg"):
-                square = self._change_square(variable, value, method)
-                if square is not None:
-                    self._change_squares.scatter_nd_update([[position]], square[tf.newaxis])
-            if square is None:
+                half_square = self._half_change_square(variable, value, method)
+                if half_square is not None and tf.compat.v1.get_default_graph() is not graph:
+                    self._half_change_squares.scatter_nd_update([[position]], tf.reshape(half_square, [1]))
+                elif half_square is not None:
+                    half_squares[position] = half_square
+            if half_square is None:
                 calls[position] += 1  # a sparse overwrite: left unmeasured
                 return original(variable, value)
-            # The write waits for the weights' norms, taken before: otherwise it would copy them.
-            with tf.control_dependencies([weights_read, square]):
+            # The write waits for the weights' norms, taken before: otherwise it would copy them;
+            # an overwrite also waits for its change, which reads the old value.
+            after = [weights_read, half_square] if method == "assign" else [weights_read]
+            with tf.control_dependencies(after):
                 return original(variable, value)
 
         return observe
 
     @staticmethod
-    def _change_square(variable, value, method):
-        """‖Δw‖² of one assign call, or None for a sparse overwrite."""
+    def _half_change_square(variable, value, method):
+        """‖Δw‖²/2 of one assign call, or None for a sparse overwrite."""
         if method == "assign_add" or method == "assign_sub":
-            return _squared_norm(value)
+            return _half_squared_norm(value)
         if isinstance(value, tf.IndexedSlices):
             return None
-        return _squared_norm(tf.cast(value, tf.float32) - tf.cast(backend_value(variable), tf.float32))
+        return _half_squared_norm(tf.cast(value, tf.float32) - tf.cast(backend_value(variable), tf.float32))
 
     def _warn_unobserved(self, positions):
         if positions and not self._warned:
