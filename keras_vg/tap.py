@@ -388,9 +388,10 @@ class Tap:
     def _observe_gradients(self, grads, variables):
         """Records statistics of the aggregated, unscaled, pre-clip gradients.
 
-        Every step pays one fused reduction per variable, for the non-finite
-        count that must not miss a step; norms and maxima are computed on
-        record steps only.
+        With `grad_nonfinite` recorded, every step pays one fused reduction
+        per variable, for the non-finite count that must not miss a step;
+        norms and maxima are computed on record steps only, and only when
+        recorded.
         """
         present = [(g, p) for g, p in zip(grads, self._positions(variables)) if g is not None and p is not None]
         if not present:
@@ -399,18 +400,29 @@ class Tap:
         positions = tf.constant([[p] for _, p in present], tf.int32)
         n = len(self.variables)
         step, is_record = self._step()
-        sums = stats.squared_norms(tensors)
-        nonfinite = stats.nonfinite_counts(tensors, sums)
+        wanted = set(self.stats_to_record)
         accumulator = self.buffers["grad_nonfinite/acc"]
-        accumulator.assign_add(tf.scatter_nd(positions, nonfinite, [n]))
+
+        def sums_and_nonfinite():
+            sums = stats.squared_norms(tensors)
+            return sums, stats.nonfinite_counts(tensors, sums)
+
+        if "grad_nonfinite" in wanted:
+            every_step = sums_and_nonfinite()
+            accumulator.assign_add(tf.scatter_nd(positions, every_step[1], [n]))
 
         def record():
             slot = self._slot(step)
-            norms, max_abs = stats.norms_and_max_abs(tensors, sums, nonfinite)
-            _write_row(self.buffers["grad_norm"], tf.scatter_nd(positions, norms, [n]), slot)
-            _write_row(self.buffers["grad_max_abs"], tf.scatter_nd(positions, max_abs, [n]), slot)
-            _write_row(self.buffers["global_grad_norm"], stats.global_norm(norms), slot)
-            _close_window(accumulator, self.buffers["grad_nonfinite"], slot)
+            if wanted & {"grad_norm", "grad_max_abs", "global_grad_norm"}:
+                sums, nonfinite = every_step if "grad_nonfinite" in wanted else sums_and_nonfinite()
+                norms, max_abs = stats.norms_and_max_abs(tensors, sums, nonfinite)
+                for name, row in (("grad_norm", norms), ("grad_max_abs", max_abs)):
+                    if name in wanted:
+                        _write_row(self.buffers[name], tf.scatter_nd(positions, row, [n]), slot)
+                if "global_grad_norm" in wanted:
+                    _write_row(self.buffers["global_grad_norm"], stats.global_norm(norms), slot)
+            if "grad_nonfinite" in wanted:
+                _close_window(accumulator, self.buffers["grad_nonfinite"], slot)
 
         self._on_record_steps(record, is_record)
 

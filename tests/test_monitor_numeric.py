@@ -46,11 +46,11 @@ def fit_monitored(model, data, log_dir, epochs=1, **monitor_kwargs):
 
 
 def reference_sgd_run(data, steps):
-    """Per-step gradient norms and SGD update ratios from a GradientTape loop of our own."""
+    """Per-step gradient norms, SGD update ratios and non-finite counts from a GradientTape loop of our own."""
     x, y = data
     model = build_mlp()
     loss_fn = keras.losses.MeanSquaredError()
-    norms, ratios = [], []
+    norms, ratios, nonfinite = [], [], []
     for step in range(steps):
         start = (step * BATCH) % len(x)
         xb, yb = x[start:start + BATCH], y[start:start + BATCH]
@@ -60,12 +60,13 @@ def reference_sgd_run(data, steps):
         weights = [v.numpy().astype(np.float64) for v in model.trainable_variables]
         g = [t.numpy().astype(np.float64) for t in grads]
         norms.append([np.linalg.norm(t) for t in g])
+        nonfinite.append([np.count_nonzero(~np.isfinite(t)) for t in g])
         # SGD's identity: Δw = lr·g, so ‖Δw‖/‖w‖ = lr·‖g‖/‖w‖ (undefined, NaN, where ‖w‖ = 0).
         ratios.append([LEARNING_RATE * np.linalg.norm(t) / np.linalg.norm(w) if np.any(w) else np.nan
                        for t, w in zip(g, weights)])
         for variable, t in zip(model.trainable_variables, grads):
             variable.assign(variable - LEARNING_RATE * t)
-    return np.array(norms), np.array(ratios)
+    return np.array(norms), np.array(ratios), np.array(nonfinite)
 
 
 def test_grad_norm_and_update_ratio_match_gradient_tape(tmp_path, regression_data):
@@ -74,13 +75,41 @@ def test_grad_norm_and_update_ratio_match_gradient_tape(tmp_path, regression_dat
     steps, names, grad_norm = run.stat("grad_norm")
     np.testing.assert_array_equal(steps, np.arange(4))
     assert names == [v.path for v in model.trainable_variables]
-    ref_norms, ref_ratios = reference_sgd_run(regression_data, 4)
+    ref_norms, ref_ratios, _ = reference_sgd_run(regression_data, 4)
     np.testing.assert_allclose(grad_norm, ref_norms, rtol=1e-5)
     np.testing.assert_allclose(run.stat("update_ratio")[2], ref_ratios, rtol=1e-5)
     np.testing.assert_allclose(
         run.stat("global_grad_norm")[2], np.sqrt((ref_norms**2).sum(axis=1)), rtol=1e-5
     )
     assert run.stat("grad_nonfinite")[2].sum() == 0
+
+
+def test_grad_nonfinite_adds_up_each_windows_counts_and_nothing_else_is_recorded(tmp_path, regression_data):
+    # A NaN target in batch 1 makes that step's gradient NaN; the update spreads NaN to the
+    # weights and so to every later gradient. (Partial counts: tests/test_stats.py.)
+    x, y = regression_data
+    y = y.copy()
+    y[BATCH + 3] = np.nan
+    _, run = fit_monitored(build_mlp(), (x, y), tmp_path, epochs=2, every=3, stats=["grad_nonfinite"])
+    _, _, counts = reference_sgd_run((x, y), 7)
+    assert counts[0].sum() == 0 and counts[1].sum() > 0
+    assert run.stats() == ["grad_nonfinite"]
+    steps, _, values = run.stat("grad_nonfinite")
+    np.testing.assert_array_equal(steps, [0, 3, 6])
+    # Each record counts the steps since the previous one: 0; 1-3; 4-6.
+    np.testing.assert_array_equal(values, [counts[0], counts[1:4].sum(axis=0), counts[4:7].sum(axis=0)])
+
+
+@pytest.mark.parametrize("stats", [["grad_max_abs"], ["global_grad_norm", "weight_norm"]])
+def test_a_subset_of_statistics_records_the_same_values_and_no_others(
+    stats, tmp_path, regression_data_module, function_reference
+):
+    _, run = fit_monitored(build_mlp(adam), regression_data_module, tmp_path, epochs=2, every=3, stats=stats)
+    assert set(run.stats()) == set(stats)
+    for stat in stats:
+        steps, _, values = run.stat(stat)
+        np.testing.assert_array_equal(steps, [0, 3, 6])
+        np.testing.assert_allclose(values, function_reference.stat(stat)[2][::3], rtol=2e-5, err_msg=stat)
 
 
 def test_no_retrace_after_first_trace(tmp_path, regression_data):
