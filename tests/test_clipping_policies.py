@@ -10,7 +10,7 @@ import pytest
 import tensorflow as tf
 
 import keras_vg
-from keras_vg.clipping.agc import output_layer_variables, unit_axes
+from keras_vg.clipping.agc import output_layer_variables, unit_axes, unitwise_norm
 
 
 def norm_sequence(steps=120, seed=0):
@@ -163,6 +163,16 @@ def test_agc_unit_axes_follow_optax():
     assert unit_axes([5, 2, 3]) == (0,)
     assert unit_axes([3, 3, 2, 4]) == (0, 1, 2)
     assert unit_axes([2, 3, 3, 2, 4]) == (0, 1, 2, 3)
+
+
+@pytest.mark.parametrize("shape", [[10], [6, 4], [5, 2, 3], [3, 3, 2, 4], [2, 3, 3, 2, 4]])
+def test_unitwise_norm_matches_numpy(shape):
+    x = np.random.RandomState(0).randn(*shape).astype(np.float32)
+    axes = unit_axes(shape)
+    expected = np.sqrt(np.sum(x.astype(np.float64) ** 2, axis=axes, keepdims=True))
+    got = unitwise_norm(tf.constant(x), axes).numpy()
+    assert got.shape == (expected.shape if axes is not None else (1,) * len(shape))
+    np.testing.assert_allclose(got, np.broadcast_to(expected, got.shape), rtol=1e-6)
 
 
 def test_agc_excludes_the_output_layer():

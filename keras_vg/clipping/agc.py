@@ -38,7 +38,8 @@ def unit_axes(shape):
 
 def unitwise_norm(x, axes):
     """L2 norms of `x` over `axes`, kept broadcastable to `x` (None: the whole tensor)."""
-    # Not tf.math.reduce_euclidean_norm, which would save a pass: XLA has no kernel for it.
+    # Not tf.math.reduce_euclidean_norm: XLA has no kernel for it, and outside XLA it was
+    # no faster in a training step (docs/PERFORMANCE.md).
     x = tf.cast(x, tf.float32)
     if axes is None:
         return tf.reshape(tf.sqrt(2.0 * tf.nn.l2_loss(x)), [1] * max(len(x.shape), 1))
@@ -105,25 +106,31 @@ class AGC(ClipPolicy):
     def update(self, state, norm, grads=None, weights=None):
         if grads is None or weights is None:
             raise ValueError("AGC needs the gradients and the weights. Received: grads=None or weights=None")
-        factors, squares = [], []
-        exceeded = tf.constant(False)
-        for grad, weight in zip(grads, weights):
+        units, squares = [], []  # units: (position, gradient's unit norms, weights' unit norms)
+        for position, (grad, weight) in enumerate(zip(grads, weights)):
             if grad is None:
-                factors.append(None)
                 continue
-            values = grad.values if isinstance(grad, tf.IndexedSlices) else grad
+            values = tf.cast(grad.values if isinstance(grad, tf.IndexedSlices) else grad, tf.float32)
             if id(weight) in self._excluded:
-                factors.append(None)
-                squares.append(2.0 * tf.nn.l2_loss(tf.cast(values, tf.float32)))
+                squares.append(2.0 * tf.nn.l2_loss(values))
                 continue
             axes = unit_axes(weight.shape)
-            grad_norm = unitwise_norm(values, axes)
-            limit = self.clip_factor * tf.maximum(unitwise_norm(weight, axes), self.eps)
-            clipped = grad_norm >= limit  # optax keeps a unit only where g_norm < max_norm
-            factor = tf.where(clipped, limit / tf.maximum(grad_norm, DIVISION_EPSILON), 1.0)
-            exceeded = exceeded | tf.reduce_any(clipped)
-            factors.append(factor)
-            squares.append(tf.reduce_sum(tf.square(grad_norm * factor)))
+            units.append((position, unitwise_norm(values, axes), unitwise_norm(weight, axes)))
+        factors = [None] * len(grads)
+        exceeded = tf.constant(False)
+        if units:
+            # Every unit of every variable in one vector: a handful of ops in all rather than a
+            # handful per variable (each op is scheduled, or on a GPU launched, whatever its size).
+            grad_norms = tf.concat([tf.reshape(g, [-1]) for _, g, _ in units], 0)
+            weight_norms = tf.concat([tf.reshape(w, [-1]) for _, _, w in units], 0)
+            limit = self.clip_factor * tf.maximum(weight_norms, self.eps)
+            clipped = grad_norms >= limit  # optax keeps a unit only where g_norm < max_norm
+            factor = tf.where(clipped, limit / tf.maximum(grad_norms, DIVISION_EPSILON), 1.0)
+            exceeded = tf.reduce_any(clipped)
+            squares.append(tf.reduce_sum(tf.square(grad_norms * factor)))
+            pieces = tf.split(factor, [g.shape.num_elements() for _, g, _ in units])
+            for (position, g, _), piece in zip(units, pieces):
+                factors[position] = tf.reshape(piece, g.shape)
         norm_after = tf.sqrt(tf.add_n(squares)) if squares else tf.zeros([])
         decision = Decision(exceeded=exceeded, threshold=tf.constant(np.nan, tf.float32),
                             norm_after=tf.where(exceeded, norm_after, norm), factor=factors)
