@@ -39,7 +39,8 @@ class GradientMonitor(keras.callbacks.Callback):
             writes into its `train/` and `validation/` subdirectories.
         every: Record every `every`-th optimizer step. Defaults to `1`.
         stats: Names of the statistics to record, from
-            `keras_vg.format.STATS`, or None for all. Defaults to `None`.
+            `keras_vg.format.STATS`, or None for all. Only the work that
+            the statistics asked for need is done. Defaults to `None`.
         saturation_epsilon: A sigmoid or tanh activation within this distance
             of an asymptote counts as saturated. Defaults to `0.01`.
         thresholds: A `keras_vg.detect.Thresholds` for the warnings, or None
