@@ -260,6 +260,7 @@ def test_sigkill_mid_run_keeps_everything_up_to_the_last_flush(tmp_path):
     finally:
         child.kill()
         child.wait()
+        child.stdout.close()
     assert reports and reports[-1][1] >= 150, "the child did not train far enough"
     # Everything recorded more than a read interval (1 s), flush_secs (1 s) and 1 s of slack before the kill is on disk.
     must_have = max(int(step) for t, step in reports if t < killed_at - 3.0)
