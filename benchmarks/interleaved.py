@@ -18,6 +18,22 @@ import time
 import keras
 
 
+def add_threads_option(parser):
+    """Adds `--threads` to a benchmark's `argparse` parser; `hold_threads` applies it."""
+    parser.add_argument("--threads", type=int, default=0,
+                        help="TensorFlow intra- and inter-op threads (0: TensorFlow's default). One thread "
+                             "makes CPU time a measure of work on a machine shared with others.")
+
+
+def hold_threads(count):
+    """Holds TensorFlow to `count` intra- and inter-op threads; 0 leaves its default."""
+    if count:
+        import tensorflow as tf
+
+        tf.config.threading.set_intra_op_parallelism_threads(count)
+        tf.config.threading.set_inter_op_parallelism_threads(count)
+
+
 class BatchTimer(keras.callbacks.Callback):
     """Wall time from the start of batch 2 to the start of the last batch.
 

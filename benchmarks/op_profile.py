@@ -35,6 +35,7 @@ import tensorflow as tf  # noqa: E402
 import keras_vg  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from interleaved import add_threads_option, hold_threads  # noqa: E402
 from overhead import MODELS  # noqa: E402
 
 ARMS = {"plain": None, "every=1": 1, "every=10": 10}
@@ -67,12 +68,9 @@ def main():
     parser.add_argument("--model", default="mlp", choices=list(MODELS))
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--rows", type=int, default=25, help="Op types shown, the dearest first.")
-    parser.add_argument("--threads", type=int, default=0,
-                        help="TensorFlow intra- and inter-op threads (0: TensorFlow's default).")
+    add_threads_option(parser)
     args = parser.parse_args()
-    if args.threads:
-        tf.config.threading.set_intra_op_parallelism_threads(args.threads)
-        tf.config.threading.set_inter_op_parallelism_threads(args.threads)
+    hold_threads(args.threads)
     build = MODELS[args.model]
     keras.utils.set_random_seed(0)
     _, x, batch = build()

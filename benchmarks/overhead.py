@@ -27,7 +27,7 @@ import tensorflow as tf  # noqa: E402
 import keras_vg  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from interleaved import print_table, time_arms  # noqa: E402
+from interleaved import add_threads_option, hold_threads, print_table, time_arms  # noqa: E402
 
 
 def sigmoid_mlp():
@@ -138,14 +138,10 @@ def main():
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     parser.add_argument("--rounds", type=int, default=9)
     parser.add_argument("--batches", type=int, default=30)
-    parser.add_argument("--threads", type=int, default=0,
-                        help="TensorFlow intra- and inter-op threads (0: TensorFlow's default). One thread "
-                             "makes the CPU-time column a measure of work on a machine shared with others.")
+    add_threads_option(parser)
     parser.add_argument("--jit", action="store_true", help="Compile every arm with jit_compile=True (XLA).")
     args = parser.parse_args()
-    if args.threads:
-        tf.config.threading.set_intra_op_parallelism_threads(args.threads)
-        tf.config.threading.set_inter_op_parallelism_threads(args.threads)
+    hold_threads(args.threads)
     print(f"TensorFlow {tf.__version__}, Keras {keras.__version__}, devices: "
           f"{[d.device_type for d in tf.config.list_physical_devices()]}")
     for name in args.models:

@@ -20,12 +20,11 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
-import tensorflow as tf  # noqa: E402
 
 import keras_vg  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from interleaved import print_table, time_arms  # noqa: E402
+from interleaved import add_threads_option, hold_threads, print_table, time_arms  # noqa: E402
 from overhead import MODELS  # noqa: E402
 
 GROUPS = {
@@ -43,13 +42,10 @@ def main():
     parser.add_argument("--every", type=int, default=1)
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--batches", type=int, default=30)
-    parser.add_argument("--threads", type=int, default=0,
-                        help="TensorFlow intra- and inter-op threads (0: TensorFlow's default).")
+    add_threads_option(parser)
     parser.add_argument("--jit", action="store_true", help="Compile every arm with jit_compile=True (XLA).")
     args = parser.parse_args()
-    if args.threads:
-        tf.config.threading.set_intra_op_parallelism_threads(args.threads)
-        tf.config.threading.set_inter_op_parallelism_threads(args.threads)
+    hold_threads(args.threads)
     build = MODELS[args.model]
     keras.utils.set_random_seed(0)
     _, x, batch = build()
