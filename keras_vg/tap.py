@@ -407,21 +407,21 @@ class Tap:
             sums = stats.squared_norms(tensors)
             return sums, stats.nonfinite_counts(tensors, sums)
 
-        if "grad_nonfinite" in wanted:
-            every_step = sums_and_nonfinite()
-            accumulator.assign_add(tf.scatter_nd(positions, every_step[1], [n]))
+        counted = sums_and_nonfinite() if "grad_nonfinite" in wanted else None
+        if counted is not None:
+            accumulator.assign_add(tf.scatter_nd(positions, counted[1], [n]))
 
         def record():
             slot = self._slot(step)
             if wanted & {"grad_norm", "grad_max_abs", "global_grad_norm"}:
-                sums, nonfinite = every_step if "grad_nonfinite" in wanted else sums_and_nonfinite()
+                sums, nonfinite = counted if counted is not None else sums_and_nonfinite()
                 norms, max_abs = stats.norms_and_max_abs(tensors, sums, nonfinite)
                 for name, row in (("grad_norm", norms), ("grad_max_abs", max_abs)):
                     if name in wanted:
                         _write_row(self.buffers[name], tf.scatter_nd(positions, row, [n]), slot)
                 if "global_grad_norm" in wanted:
                     _write_row(self.buffers["global_grad_norm"], stats.global_norm(norms), slot)
-            if "grad_nonfinite" in wanted:
+            if counted is not None:
                 _close_window(accumulator, self.buffers["grad_nonfinite"], slot)
 
         self._on_record_steps(record, is_record)
