@@ -16,8 +16,10 @@ from keras_vg import _keras_compat, stats
 from keras_vg import format as fmt
 from keras_vg.clipping.agc import AGC
 from keras_vg.clipping.global_norm import GlobalNorm
+from keras_vg.clipping.guard import SpikeGuard
 from keras_vg.clipping.percentile import Percentile
-from keras_vg.clipping.policy import ClipPolicy, check_positive
+from keras_vg.clipping.policy import ClipPolicy, check_positive, scale_gradients
+from keras_vg.clipping.switch import ClipSwitch
 from keras_vg.clipping.zscore import ZScore
 
 POLICIES = {"zscore": ZScore, "percentile": Percentile, "agc": AGC, "global_norm": GlobalNorm}
@@ -117,10 +119,13 @@ def _sync_on_read(value, name):
 def _global_norm(tensors):
     """The global L2 norm and whether every value is finite.
 
-    The usual step pays one fused reduction per tensor and no branch work:
-    only where the sum of squares is not finite (a NaN or inf, or squares past
-    float32's range) does the rare branch look again, over one flat copy of
-    the gradient, so that a finite gradient of norm 1e20 reads 1e20, not inf.
+    The usual step pays one fused reduction per tensor. A NaN anywhere makes
+    the sum of squares NaN; an infinite sum is either an inf in the gradient
+    or finite values whose squares overflow float32 (a norm past 1.8e19).
+    Only then does the rare branch look again, over one flat copy of the
+    gradient, so that a finite gradient of norm 1e20 reads 1e20, not inf. The
+    branch is a lowered `tf.cond`: the usual step pays one switch per
+    gradient for it, not a functional `If` (docs/PERFORMANCE.md).
     """
     total = 2.0 * tf.add_n([tf.nn.l2_loss(t) for t in tensors])
 
@@ -132,8 +137,25 @@ def _global_norm(tensors):
         norm = tf.where(finite, scale * tf.sqrt(tf.reduce_sum(tf.square(flat / scale))), tf.sqrt(total))
         return norm, finite
 
-    return _keras_compat.unlowered_cond(tf.math.is_finite(total), lambda: (tf.sqrt(total), tf.constant(True)),
-                                        look_again)
+    return tf.cond(tf.math.is_inf(total), look_again, lambda: (tf.sqrt(total), tf.math.is_finite(total)))
+
+
+def _norm_of(variables):
+    """The global L2 norm of some variables, in float32."""
+    return tf.sqrt(2.0 * tf.add_n([tf.nn.l2_loss(tf.cast(v, tf.float32)) for v in variables]))
+
+
+def _sgd_step_size(optimizer):
+    """The learning rate where one step moves the weights by `lr · g` at first (Keras's SGD), else None.
+
+    With momentum, later steps move them further (up to `lr/(1−momentum)·g`);
+    the first step, the one a too-large learning rate ruins, is `lr · g`
+    exactly. Adaptive optimizers (Adam and the like) scale each step by their
+    own statistics: None.
+    """
+    if type(optimizer) is not keras.optimizers.SGD:
+        return None
+    return tf.convert_to_tensor(optimizer.learning_rate)
 
 
 def _json_number(value):
@@ -144,12 +166,28 @@ def _json_number(value):
 class AutoClip(keras.callbacks.Callback):
     """Switches gradient clipping on by itself when gradients explode.
 
-    Until gradients explode nothing is clipped: clipping is *armed*. A step
-    whose global gradient norm is a spike for the `trigger` (by default
-    ZClip's z-score test against running statistics), or whose gradient is
-    not finite, switches clipping on; from then on the `policy` clips every
-    step that exceeds its threshold. With `cooldown=N`, N calm steps in a row
-    (no spike) switch it off again, armed for the next explosion.
+    Until gradients explode nothing is clipped: clipping is *armed*. A spike
+    switches clipping on, at the very step it happens; from then on the
+    `policy` clips every step that exceeds its threshold. With `cooldown=N`,
+    N calm steps in a row (no spike) switch it off again, armed for the next
+    explosion. A spike is any of:
+
+    - from the first step on, a global norm at least `spike_factor` times
+      the median of the recent norms, or one past 1e18 (`SpikeGuard`);
+    - with Keras's `SGD`, a step whose update `lr · ‖g‖` would move the
+      weights by `spike_update_ratio` of their norm or more (a learning rate
+      too large for the model, often ruinous at the very first step);
+    - once its warm-up is over, the `trigger`'s test (by default ZClip's
+      z-score against running statistics);
+    - a gradient holding NaN or inf.
+
+    Once on, every step is clipped to the smallest of the policy's target,
+    `spike_factor` times the median of the recent norms, and, with `SGD`,
+    the norm at which the update would move the weights by
+    `clip_update_ratio` of their norm. Before the policy's statistics are
+    warm, the guard's bounds are all there is. No statistic ever takes in a
+    non-finite norm or a spike: they see each norm clipped at the guard's
+    bound, so thresholds stay finite and positive whatever came before.
 
     Everything is decided inside the compiled train step, from state kept in
     `tf.Variable`s: a policy that switches on causes no retrace, and
@@ -163,47 +201,67 @@ class AutoClip(keras.callbacks.Callback):
     (moments, weight decay included) stay bit-identical. The optimizer's
     `iterations` still advances, so that every batch keeps its own step
     number (as `GradientMonitor` records it) and learning-rate schedules
-    follow the data; the loss metric of that batch is NaN.
+    follow the data; the loss metric of that batch is NaN. Where skipping
+    cannot help, AutoClip stops training (`model.stop_training`) with a
+    warning that names the step, the last step whose update was applied,
+    and what to try: when the weights or the optimizer's slots are
+    themselves not finite, or after `skip_patience` skipped steps in a row.
+    Both are checked on the host every 32 steps (or second), and at the end
+    of each epoch.
 
-    The state (policy statistics, on/off) is saved with the model's weights
-    (`BackupAndRestore`, `ModelCheckpoint`, `model.save_weights`), so a
-    resumed run neither forgets its history nor re-arms. It is attached to
-    the model when `fit` starts; to restore it with `model.load_weights`
-    before `fit`, call `clip.set_model(model)` first.
+    The state (statistics, on/off, counts) is saved with the model's weights
+    (`BackupAndRestore`, `ModelCheckpoint`, `model.save_weights`,
+    `model.save`), so a resumed run neither forgets its history nor re-arms.
+    It is attached to the model when `fit` starts; to restore it with
+    `model.load_weights` before `fit` (from a weights file or a `.keras`
+    file), call `clip.set_model(model)` first.
 
     Records, each at optimizer steps that are multiples of `every`: the
     global norm before and after clipping, the threshold, and the number of
     clipped and skipped steps since the previous record; events `clip_on`,
-    `clip_off` and `skip` at the step they happen. A `GradientMonitor` on the
-    same model writes them into its run; otherwise give `log_dir`.
+    `clip_off` and `skip` at the step they happen, and a `warning` when
+    AutoClip stops training. A `GradientMonitor` on the same model writes
+    them into its run; otherwise give `log_dir`.
 
     Args:
         policy: How to clip once clipping is on: `"zscore"`, `"percentile"`,
             `"agc"`, `"global_norm"` (each with its defaults), or a policy
             object (`keras_vg.ZScore(...)`, ...). Defaults to `"zscore"`.
-        trigger: When clipping switches on: `"spike"` (a `ZScore` spike
-            test; a `ZScore` policy is its own trigger), a policy object
-            whose `exceeded` decision is the trigger, or None for clipping
-            from the first step (plain clipping, as in the papers). Non-finite
-            gradients always switch clipping on. Defaults to `"spike"`.
+        trigger: What else switches clipping on, besides the guard's spikes
+            and non-finite gradients: `"spike"` (a `ZScore` test; a `ZScore`
+            policy is its own trigger), a policy object whose `exceeded`
+            decision is the trigger, or None for clipping from the first
+            step (plain clipping, as in the papers). Defaults to `"spike"`.
         cooldown: Calm steps in a row after which clipping switches off, or
             None to keep it on. Needs a trigger. Defaults to `None`.
         log_dir: Directory to write the records into (one TensorBoard run),
             for use without a `GradientMonitor`. Defaults to `None`.
         every: Record every `every`-th optimizer step. Defaults to `1`.
         verbose: `1` prints a line when clipping switches on or off and when
-            a step is skipped; `0` is silent. Defaults to `1`.
+            a step is skipped; `0` is silent (a stop still warns). Defaults
+            to `1`.
+        spike_factor: A global norm at least this many times the median of
+            the recent norms is a spike, and once clipping is on no norm
+            above that is let through. Must be > 1. Defaults to `10.0`.
+        spike_update_ratio: With `SGD`, the update ratio `lr·‖g‖/‖W‖` at or
+            above which a step is a spike; None to leave this rule out.
+            Defaults to `0.2`.
+        clip_update_ratio: With `SGD`, the largest update ratio once
+            clipping is on; None for no such bound. Defaults to `0.01`.
+        skip_patience: Skipped steps in a row after which training stops,
+            or None never to stop for that. Defaults to `10`.
 
     Example:
 
     ```python
-    clip = keras_vg.AutoClip(policy="zscore")
+    clip = keras_vg.AutoClip()
     model.fit(x, y, callbacks=[keras_vg.GradientMonitor("logs/run1"), clip])
     keras_vg.read_run("logs/run1").events()   # clip_on / clip_off / skip
     ```
     """
 
-    def __init__(self, policy="zscore", trigger="spike", cooldown=None, log_dir=None, every=1, verbose=1):
+    def __init__(self, policy="zscore", trigger="spike", cooldown=None, log_dir=None, every=1, verbose=1,
+                 spike_factor=10.0, spike_update_ratio=0.2, clip_update_ratio=0.01, skip_patience=10):
         super().__init__()
         self.policy = _resolve(policy, "policy")
         if trigger == "spike":
@@ -226,11 +284,19 @@ class AutoClip(keras.callbacks.Callback):
         check_positive("every", every, integer=True)
         if verbose not in (0, 1):
             raise ValueError(f"`verbose` must be 0 or 1. Received: verbose={verbose!r}")
+        if skip_patience is not None:
+            check_positive("skip_patience", skip_patience, integer=True)
+        self.guard = SpikeGuard(factor=spike_factor, spike_update_ratio=spike_update_ratio,
+                                clip_update_ratio=clip_update_ratio)
+        self._switch = ClipSwitch(self.policy, self.trigger, self.guard, self._armed,
+                                  None if cooldown is None else int(cooldown))
         self.cooldown = None if cooldown is None else int(cooldown)
         self.log_dir = None if log_dir is None else os.fspath(log_dir)
         self.every = int(every)
         self.verbose = verbose
+        self.skip_patience = None if skip_patience is None else int(skip_patience)
         self.trace_count = 0
+        self.stopped = None  # the stop's event dict, once AutoClip stopped training
         self._state = None
         self._buffers = None
         self._optimizer = None
@@ -243,22 +309,19 @@ class AutoClip(keras.callbacks.Callback):
         self._last_read_step = -1
         self._event_cursor = 0
         self._print_cursor = 0
+        self._host_events = []  # events made on the host (a stop), not yet written
 
     def get_config(self):
         trigger = ("spike" if self.trigger is None else repr(self.trigger)) if self._armed else None
+        guard = self.guard.get_config()
         return {
             "policy": repr(self.policy), "trigger": trigger,
             "cooldown": self.cooldown, "log_dir": self.log_dir, "every": self.every, "verbose": self.verbose,
+            "spike_factor": guard["factor"], "spike_update_ratio": guard["spike_update_ratio"],
+            "clip_update_ratio": guard["clip_update_ratio"], "skip_patience": self.skip_patience,
         }
 
     # State ---------------------------------------------------------------------------
-
-    def _initial_state(self):
-        initial = {"active": np.float32(0.0 if self._armed else 1.0), "calm": np.float32(0.0)}
-        initial.update({"policy." + k: v for k, v in self.policy.init().items()})
-        if self.trigger is not None:
-            initial.update({"trigger." + k: v for k, v in self.trigger.init().items()})
-        return initial
 
     def set_model(self, model):
         """Attaches the clipping state to `model`, so that weight files carry it.
@@ -268,13 +331,13 @@ class AutoClip(keras.callbacks.Callback):
         `model.load_weights` that should restore the state.
         """
         super().set_model(model)
-        key = (_config_key(self.policy), _config_key(self.trigger), self._armed, self.cooldown)
+        key = (_config_key(self.policy), _config_key(self.trigger), repr(self.guard), self._armed, self.cooldown)
         state = getattr(model, STATE_ATTRIBUTE, None)
         if state is None or state.key != key:
             # Kept across AutoClip instances with the same configuration: a new
             # callback for a later fit continues the statistics.
             with model.distribute_strategy.scope():
-                state = _ClipState(key, self._initial_state(), name="keras_vg_autoclip")
+                state = _ClipState(key, self._switch.init(), name="keras_vg_autoclip")
             _keras_compat.attach_saved_state(model, STATE_ATTRIBUTE, state)
         self._state = state
         _registry[model] = self
@@ -283,6 +346,18 @@ class AutoClip(keras.callbacks.Callback):
     def active(self):
         """Whether clipping is on now (read from the device)."""
         return bool(self._state.state_variables["active"].numpy() > 0) if self._state is not None else False
+
+    def state(self):
+        """Returns the checkpointed state as numpy values: `active`, `calm`, the counts and the statistics.
+
+        Counts: `clipped` and `skipped` (steps in all), `skip_run` (skipped
+        steps in a row), `last_good` (the last step whose update was applied,
+        -1 before any). Statistics are prefixed with `guard.`, `policy.` and
+        `trigger.`.
+        """
+        if self._state is None:
+            return {}
+        return {name: np.asarray(variable.numpy()).copy() for name, variable in self._state.state_variables.items()}
 
     # Installation --------------------------------------------------------------------
 
@@ -313,8 +388,12 @@ class AutoClip(keras.callbacks.Callback):
         self._pending_steps = 0
         self._last_read = time.monotonic()
         self._failed = False
+        self.stopped = None
         if not self._is_installed(applying):
             self._install(applying)
+        self._host = _HostChecks(self.model, applying)
+        self._skipped_seen = int(self._state.state_variables["skipped"].numpy())
+        self._refresh_weight_norm()
 
     def _is_installed(self, optimizer):
         # A later fit of the same compiled model reuses the traced function: no retrace.
@@ -338,13 +417,18 @@ class AutoClip(keras.callbacks.Callback):
         steps_per_execution = int(getattr(self.model, "steps_per_execution", 1) or 1)
         capacity = RECORD_CAPACITY + math.ceil(steps_per_execution / self.every) + 1
         with self.model.distribute_strategy.scope():
+            # One spare row past each buffer's capacity: see `_record`.
             self._buffers = {
-                "steps": _sync_on_read(tf.fill([capacity], tf.constant(-1, tf.int64)), "keras_vg_autoclip_steps"),
-                "records": _sync_on_read(tf.zeros([capacity, len(RECORD_COLUMNS)]), "keras_vg_autoclip_records"),
+                "steps": _sync_on_read(tf.fill([capacity + 1], tf.constant(-1, tf.int64)),
+                                       "keras_vg_autoclip_steps"),
+                "records": _sync_on_read(tf.zeros([capacity + 1, len(RECORD_COLUMNS)]), "keras_vg_autoclip_records"),
                 "window": _sync_on_read(tf.zeros([2]), "keras_vg_autoclip_window"),
-                "event_steps": _sync_on_read(tf.zeros([EVENT_CAPACITY], tf.int64), "keras_vg_autoclip_event_steps"),
-                "event_data": _sync_on_read(tf.zeros([EVENT_CAPACITY, 3]), "keras_vg_autoclip_event_data"),
+                "event_steps": _sync_on_read(tf.zeros([EVENT_CAPACITY + 1], tf.int64),
+                                             "keras_vg_autoclip_event_steps"),
+                "event_data": _sync_on_read(tf.zeros([EVENT_CAPACITY + 1, 3]), "keras_vg_autoclip_event_data"),
                 "event_count": _sync_on_read(tf.zeros([], tf.int64), "keras_vg_autoclip_event_count"),
+                # Measured on the host (`_refresh_weight_norm`), read by the guard's SGD rules.
+                "weight_norm": _sync_on_read(tf.constant(np.nan, tf.float32), "keras_vg_autoclip_weight_norm"),
             }
         self._capacity = capacity
         self.policy.bind(self.model)
@@ -400,91 +484,76 @@ class AutoClip(keras.callbacks.Callback):
         variables_state = self._state.state_variables
         state = {name: variable.read_value() for name, variable in variables_state.items()}
         norm, finite = _global_norm([stats.dense_values(g) for g in grads])
-
-        def sub_state(prefix):
-            return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
-
-        new_state = {}
-        decision = None
-        if self.trigger is not None:
-            trigger_decision, trigger_state = self.trigger.update(sub_state("trigger."), norm, grads, variables)
-            new_state.update({"trigger." + k: v for k, v in trigger_state.items()})
-            spike = trigger_decision.exceeded
-        else:
-            decision, policy_state = self.policy.update(sub_state("policy."), norm, grads, variables)
-            new_state.update({"policy." + k: v for k, v in policy_state.items()})
-            spike = decision.exceeded
-        spike = finite & spike
-
-        was_active = state["active"] > 0
-        active = was_active | spike | tf.logical_not(finite) if self._armed else tf.constant(True)
-        if decision is None:
-            if self.policy.lazy and self._armed:
-                # A stateless policy's decision only matters once clipping is on: until then
-                # the train step does not pay for it (AGC reads every weight).
-                outcome = _keras_compat.unlowered_cond(
-                    active & finite, lambda: self._decide_and_clip(norm, grads, variables),
-                    lambda: (list(grads), tf.constant(False), tf.constant(np.nan), norm))
-            else:
-                decision, policy_state = self.policy.update(sub_state("policy."), norm, grads, variables)
-                new_state.update({"policy." + k: v for k, v in policy_state.items()})
-        if decision is not None:
-            clip = active & finite & decision.exceeded
-            outcome = (_keras_compat.unlowered_cond(clip, lambda: self.policy.clip(decision, grads),
-                                                    lambda: list(grads)),
-                       clip, decision.threshold, tf.where(clip, decision.norm_after, norm))
-        grads, clip, threshold, norm_after = outcome
-
-        calm = tf.where(active & finite & tf.logical_not(spike), state["calm"] + 1.0, 0.0)
-        switch_off = active & (calm >= self.cooldown) if self.cooldown is not None else tf.constant(False)
-        new_state["active"] = tf.cast(active & tf.logical_not(switch_off), tf.float32)
-        new_state["calm"] = tf.where(switch_off, 0.0, calm)
+        step = tf.cast(tf.convert_to_tensor(self._optimizer.iterations), tf.int64)
+        step_size = _sgd_step_size(self._optimizer)
+        weight_norm = self._weight_norm(state["active"] > 0, variables) if step_size is not None else None
+        decision, new_state = self._switch.update(state, norm, finite, step, step_size, weight_norm, grads,
+                                                  variables)
+        # A lowered conditional: while nothing is clipped, the step pays for its switches, not for
+        # a pass over the gradient (docs/PERFORMANCE.md).
+        grads, clipped, norm_after = tf.cond(
+            decision.clip, lambda: self._clip(decision, norm, grads, variables),
+            lambda: (list(grads), tf.constant(False), decision.norm_after))
+        if decision.unitwise:
+            new_state = self._switch.count_clipped(state, new_state, clipped)
         for name, value in new_state.items():
-            keep = state[name]
-            # A non-finite norm says nothing about the statistics: they keep their old values.
-            if name.startswith(("policy.", "trigger.")):
-                value = tf.where(finite, value, keep)
-            variables_state[name].assign(tf.cast(value, keep.dtype))
-
-        skipped = tf.logical_not(finite) & self.policy.skip_nonfinite
-        self._record(norm, norm_after, threshold, clip, skipped,
-                     switched_on=active & tf.logical_not(was_active), switched_off=switch_off)
+            variables_state[name].assign(tf.cast(value, state[name].dtype))
+        self._record(step, norm, norm_after, decision, clipped)
         return grads, finite
 
-    def _decide_and_clip(self, norm, grads, variables):
-        decision, _ = self.policy.update({}, norm, grads, variables)
-        clipped = _keras_compat.unlowered_cond(decision.exceeded, lambda: self.policy.clip(decision, grads),
-                                               lambda: list(grads))
-        return clipped, decision.exceeded, tf.cast(decision.threshold, tf.float32), decision.norm_after
+    def _weight_norm(self, active, variables):
+        """‖W‖ for the guard's SGD rules: measured in the step while clipping is on, else the last measure.
 
-    def _record(self, norm, norm_after, threshold, clip, skipped, switched_on, switched_off):
-        """Writes this step's row (on record steps) and its events into the device buffers."""
+        While armed, the step reads no weight: the norm comes from the host
+        (at the start of `fit` and of each epoch) or from the last step that
+        clipping was on. So it changes at the same steps whatever the
+        compilation mode, and runs are reproducible.
+        """
+        stored = self._buffers["weight_norm"]
+        measured = tf.cond(active, lambda: _norm_of(variables), lambda: stored.read_value())
+        stored.assign(measured)
+        return measured
+
+    def _clip(self, decision, norm, grads, variables):
+        """The clipping branch: `(grads, clipped, norm_after)`."""
+        if not decision.unitwise:
+            return scale_gradients(grads, decision.factor), tf.constant(True), decision.norm_after
+        # A unit-wise policy (AGC) on top of the global bounds: each unit takes the smaller factor.
+        unitwise, _ = self.policy.update({}, norm, grads, variables)
+        factors = [decision.factor if f is None else tf.minimum(f, decision.factor) for f in unitwise.factor]
+        clipped = scale_gradients(grads, factors)
+        after = tf.sqrt(2.0 * tf.add_n([tf.nn.l2_loss(stats.dense_values(g)) for g in clipped if g is not None]))
+        return clipped, unitwise.exceeded | (decision.factor < 1.0), after
+
+    def _record(self, step, norm, norm_after, decision, clipped):
+        """Writes this step's row (on record steps) and its events into the device buffers.
+
+        Each buffer has one spare row past its capacity: a step that writes
+        nothing writes there, so that every step runs the same few ops (no
+        select over a whole buffer, no branch). `tensor_scatter_nd_update` of
+        the value read, not a scatter into the variable: SyncOnRead variables
+        have no scatter in a replica context.
+        """
         b = self._buffers
-        step = tf.cast(tf.convert_to_tensor(self._optimizer.iterations), tf.int64)
+        skipped = decision.skipped
         is_record = tf.equal(step % self.every, 0)
-        slot = (step // self.every) % self._capacity
-        window = b["window"].read_value() + tf.stack([tf.cast(clip, tf.float32), tf.cast(skipped, tf.float32)])
-        row = tf.stack([norm, norm_after, threshold, window[0], window[1]])
-        at_slot = is_record & tf.equal(tf.range(self._capacity, dtype=tf.int64), slot)
-        b["records"].assign(tf.where(at_slot[:, tf.newaxis], row[tf.newaxis, :], b["records"].read_value()))
-        b["steps"].assign(tf.where(at_slot, step, b["steps"].read_value()))
+        slot = tf.where(is_record, (step // self.every) % self._capacity, self._capacity)
+        window = b["window"].read_value() + tf.stack([tf.cast(clipped, tf.float32), tf.cast(skipped, tf.float32)])
+        row = tf.stack([norm, norm_after, decision.threshold, window[0], window[1]])
+        b["records"].assign(tf.tensor_scatter_nd_update(b["records"].read_value(), [[slot]], [row]))
+        b["steps"].assign(tf.tensor_scatter_nd_update(b["steps"].read_value(), [[slot]], [step]))
         b["window"].assign(tf.where(is_record, tf.zeros([2]), window))
 
-        # At most two events a step: a switch (on or off) and a skip. No scatter: SyncOnRead
-        # variables have none in a replica context, and the buffers are small.
-        switched = switched_on | switched_off
-        kind = tf.where(switched_on, 1.0, 2.0)
+        # At most two events a step: a switch (on or off) and a skip.
+        switched = decision.switched_on | decision.switched_off
         count = b["event_count"].read_value()
-        positions = tf.range(EVENT_CAPACITY, dtype=tf.int64)
-        first = switched & tf.equal(positions, count % EVENT_CAPACITY)
-        second = skipped & tf.equal(positions, (count + tf.cast(switched, tf.int64)) % EVENT_CAPACITY)
-        data = tf.stack([norm, threshold])
-        event_steps = tf.where(first | second, step, b["event_steps"].read_value())
-        event_data = tf.where(first[:, tf.newaxis], tf.concat([[kind], data], 0)[tf.newaxis, :],
-                              b["event_data"].read_value())
-        event_data = tf.where(second[:, tf.newaxis], tf.concat([[3.0], data], 0)[tf.newaxis, :], event_data)
-        b["event_steps"].assign(event_steps)
-        b["event_data"].assign(event_data)
+        first = tf.where(switched, count % EVENT_CAPACITY, EVENT_CAPACITY)
+        second = tf.where(skipped, (count + tf.cast(switched, tf.int64)) % EVENT_CAPACITY, EVENT_CAPACITY)
+        kind = tf.where(decision.switched_on, 1.0, 2.0)
+        rows = tf.stack([tf.stack([kind, norm, decision.threshold]), tf.stack([3.0, norm, decision.threshold])])
+        indices = tf.stack([first, second])[:, tf.newaxis]
+        b["event_steps"].assign(tf.tensor_scatter_nd_update(b["event_steps"].read_value(), indices, [step, step]))
+        b["event_data"].assign(tf.tensor_scatter_nd_update(b["event_data"].read_value(), indices, rows))
         b["event_count"].assign(count + tf.cast(switched, tf.int64) + tf.cast(skipped, tf.int64))
 
     # Host side -------------------------------------------------------------------------
@@ -499,7 +568,7 @@ class AutoClip(keras.callbacks.Callback):
         """
         if self._buffers is None:
             return []
-        steps = self._buffers["steps"].numpy()
+        steps = self._buffers["steps"].numpy()[: self._capacity]  # not the spare row
         rows = self._buffers["records"].numpy()
         records = []
         for index in np.argsort(steps):
@@ -537,10 +606,9 @@ class AutoClip(keras.callbacks.Callback):
             message = (f"Step {step} skipped: its gradient is not finite (global norm {norm:.4g}). "
                        "Weights and optimizer slots are unchanged.")
         elif kind == "clip_on":
-            why = (f"global norm {norm:.4g} is a spike" + (f" (threshold {threshold:.4g})"
-                                                             if np.isfinite(threshold) else "")
-                   if np.isfinite(norm) else "its gradient is not finite")
-            message = f"Gradients exploded at step {step}: {why}. Clipping is on ({self.policy!r})."
+            why = f"global norm {norm:.4g} is a spike" if np.isfinite(norm) else "its gradient is not finite"
+            message = (f"Gradients exploded at step {step}: {why}. Clipping is on ({self.policy!r}); this step's "
+                       f"threshold was {threshold:.4g}.")
         else:
             message = f"Step {step}: {self.cooldown} calm steps; clipping is off (armed again)."
         return {"kind": kind, "step": step, "message": message,
@@ -551,11 +619,14 @@ class AutoClip(keras.callbacks.Callback):
 
         Returns:
             A list of event dicts (`kind` one of `clip_on`, `clip_off`,
-            `skip`, or `warning` when events were lost; `step`, `message`,
-            `global_grad_norm`, `clip_threshold`), oldest first.
+            `skip`, or `warning` when events were lost or AutoClip stopped
+            training; `step`, `message`, `global_grad_norm`,
+            `clip_threshold`), oldest first.
         """
         events, self._event_cursor = self._events_since(self._event_cursor)
-        return events
+        events += self._host_events
+        self._host_events = []
+        return sorted(events, key=lambda event: event["step"])
 
     # Keras hooks -----------------------------------------------------------------------
 
@@ -563,34 +634,83 @@ class AutoClip(keras.callbacks.Callback):
         # A batch-begin hook: Keras waits for the device after every step for callbacks with
         # a batch-end hook. The steps counted are those before this batch; the epoch's last
         # ones are read at its end.
-        if self._buffers is None or (self.log_dir is None and self._shared is None and not self.verbose):
+        if self._buffers is None:
             return
         if self._last_batch is None:
             self._last_batch = batch
         executed = batch - self._last_batch
         self._last_batch = batch
         self._pending_steps += executed
-        if self._pending_steps >= READ_BATCH_RECORDS * self.every or (
-            time.monotonic() - self._last_read >= READ_INTERVAL_SECS
-        ):
-            self._read_and_write()
+        if self._pending_steps >= READ_BATCH_RECORDS or time.monotonic() - self._last_read >= READ_INTERVAL_SECS:
+            self._host_work()
 
     def on_epoch_begin(self, epoch, logs=None):
         self._last_batch = None
+        self._refresh_weight_norm()
 
     def on_epoch_end(self, epoch, logs=None):
-        self._read_and_write()
+        self._host_work()
 
     def on_train_end(self, logs=None):
-        self._read_and_write()
+        self._host_work()
         if self._writer is not None:
             self._writer.close()
+
+    def _host_work(self):
+        """What the host does every 32 steps or second and at each epoch's end: check, measure, record."""
+        if self._buffers is None:
+            return
+        self._pending_steps = 0
+        self._last_read = time.monotonic()
+        try:
+            self._check_dead_end()
+        except Exception as error:  # noqa: BLE001 - a failed check must not kill training; clipping goes on
+            warnings.warn(f"AutoClip could not check the weights: {type(error).__name__}: {error}.", stacklevel=2)
+        self._read_and_write()
+
+    def _refresh_weight_norm(self):
+        """Measures ‖W‖ for the guard's SGD rules, at the start of `fit` and of each epoch (one scalar comes back)."""
+        if self._buffers is not None and _sgd_step_size(self._optimizer) is not None:
+            self._buffers["weight_norm"].assign(self._host.weight_norm())
+
+    def _check_dead_end(self):
+        """Stops training where skipping cannot help: non-finite weights or slots, or too many skips in a row."""
+        if self.stopped is not None or self._state is None:
+            return
+        state = self._state.state_variables
+        skipped = int(state["skipped"].numpy())
+        if skipped == self._skipped_seen:
+            return  # nothing skipped since the last check: nothing could have gone wrong this way
+        self._skipped_seen = skipped
+        run, last_good = int(state["skip_run"].numpy()), int(state["last_good"].numpy())
+        broken = self._host.first_nonfinite()
+        if broken is not None:
+            reason = f"`{broken}` holds NaN or inf, so skipping non-finite steps cannot help"
+        elif self.skip_patience is not None and run >= self.skip_patience:
+            reason = f"{run} steps in a row were skipped (skip_patience={self.skip_patience})"
+        else:
+            return
+        self._stop(reason, last_good)
+
+    def _stop(self, reason, last_good):
+        step = int(self._optimizer.iterations.numpy()) - 1
+        first_bad = last_good + 1
+        good = f"The last good step was {last_good}" if last_good >= 0 else "No step's update was applied"
+        message = (
+            f"AutoClip stopped training at step {step}: {reason}. {good}; the steps since were skipped (their "
+            f"gradients were not finite). Try: restore the weights saved before step {first_bad} "
+            "(keras.callbacks.BackupAndRestore, ModelCheckpoint or model.save), then lower the learning rate, or "
+            "clip from the first step (keras_vg.AutoClip(keras_vg.GlobalNorm(1.0), trigger=None)); check the "
+            f"input data from step {first_bad} on for NaN or inf."
+        )
+        self.model.stop_training = True
+        self.stopped = {"kind": "warning", "step": step, "message": message, "last_good": last_good}
+        self._host_events.append(self.stopped)
+        warnings.warn(message, stacklevel=3)
 
     def _read_and_write(self):
         if self._buffers is None or self._failed:
             return
-        self._pending_steps = 0
-        self._last_read = time.monotonic()
         try:
             if self.verbose:
                 events, self._print_cursor = self._events_since(self._print_cursor)
@@ -636,13 +756,42 @@ class AutoClip(keras.callbacks.Callback):
 
     def write_pending(self):
         """Reads and writes what the device buffers hold now (called by `GradientMonitor`)."""
-        self._read_and_write()
+        self._host_work()
 
     def close(self):
         """Removes the hooks and closes the writer. Calling it twice is harmless."""
         self.uninstall()
         if self._writer is not None:
             self._writer.close()
+
+
+class _HostChecks:
+    """The small device functions the host runs every 32 steps: the weights' norm, and their finiteness."""
+
+    def __init__(self, model, optimizer):
+        self.model, self.optimizer = model, optimizer
+        self.weight_norm = tf.function(self._weight_norm)
+        self._finite = tf.function(self._all_finite)
+
+    def _weight_norm(self):
+        return _norm_of(self.model.trainable_variables)
+
+    def _checked(self):
+        seen, checked = set(), []
+        for variable in list(self.model.weights) + list(self.optimizer.variables):
+            if id(variable) not in seen and tf.as_dtype(variable.dtype).is_floating:
+                seen.add(id(variable))
+                checked.append(variable)
+        return checked
+
+    def _all_finite(self):
+        return tf.stack([tf.reduce_all(tf.math.is_finite(v)) for v in self._checked()])
+
+    def first_nonfinite(self):
+        """The path of the first weight or optimizer slot holding NaN or inf, or None."""
+        finite = self._finite().numpy()
+        broken = [v for v, ok in zip(self._checked(), finite) if not ok]
+        return broken[0].path if broken else None
 
 
 def write_records(writer, records, events, with_global_norm=True):

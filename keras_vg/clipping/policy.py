@@ -13,6 +13,14 @@ import collections
 import numpy as np
 import tensorflow as tf
 
+MAX_NORM = 1e18
+"""The largest global norm any statistic takes in, and the largest threshold.
+
+A norm above it is an overflow (a spike, whatever came before). Its square,
+1e36, leaves float32 (up to 3.4e38) room for the sums and moving averages of
+squares the policies keep, so no statistic turns infinite on the way.
+"""
+
 Decision = collections.namedtuple("Decision", ["exceeded", "threshold", "norm_after", "factor"])
 Decision.__doc__ = """What a policy decided about one step.
 
@@ -32,9 +40,12 @@ class ClipPolicy:
     """Base class of the clipping policies.
 
     Subclasses implement `init` and `update`, and `clip` where the default
-    (one factor for every gradient) does not fit. `update` is only given
-    finite norms by `AutoClip`: on a step whose gradient is not finite, the
-    old state is kept.
+    (one factor for every gradient) does not fit. `AutoClip` gives `update`
+    only norms that are finite, positive and at most the spike guard's limit
+    (see `SpikeGuard`), so that no statistic ever takes in a non-finite or a
+    spike value: on a step whose norm is not finite or is zero, the old state
+    is kept; a spike reaches the policy clipped to the guard's limit. Each
+    policy's docstring says what it does before its statistics are warm.
 
     Args:
         skip_nonfinite: When True, a step whose gradient holds NaN or inf
@@ -71,8 +82,7 @@ class ClipPolicy:
 
     def clip(self, decision, grads):
         """Returns `grads` clipped as `decision` says (None entries stay None)."""
-        factors = decision.factor if isinstance(decision.factor, (list, tuple)) else [decision.factor] * len(grads)
-        return [_scale(g, f) for g, f in zip(grads, factors)]
+        return scale_gradients(grads, decision.factor)
 
     def bind(self, model):
         """Learns what the policy needs of a model (AGC: which layer is the output). Defaults to nothing."""
@@ -84,6 +94,12 @@ class ClipPolicy:
     def __repr__(self):
         arguments = ", ".join(f"{k}={v!r}" for k, v in self.get_config().items())
         return f"{type(self).__name__}({arguments})"
+
+
+def scale_gradients(grads, factor):
+    """Multiplies each gradient by its factor: one scalar for all, or one per gradient (None: unchanged)."""
+    factors = factor if isinstance(factor, (list, tuple)) else [factor] * len(grads)
+    return [_scale(g, f) for g, f in zip(grads, factors)]
 
 
 def _scale(grad, factor):
