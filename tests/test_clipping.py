@@ -103,6 +103,33 @@ def test_autoclip_rescues_an_exploding_rnn():
             assert values["global_grad_norm_clipped"] == values["global_grad_norm"]
 
 
+def rescue_benchmark():
+    """`benchmarks/autoclip_rescue.py`, imported as a module."""
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).resolve().parent.parent / "benchmarks" / "autoclip_rescue.py"
+    spec = importlib.util.spec_from_file_location("autoclip_rescue", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_rescue_benchmark_smallest_cases():
+    """The rescue benchmark's targets on its fastest models, one epoch each (docs/CLIPPING.md has all of them)."""
+    bench = rescue_benchmark()
+    # A ReLU MLP whose first SGD step ruins it: NaN without clipping.
+    final = {arm: bench.train("relu_mlp_big_init", arm, epochs=1)[:2]
+             for arm in ("none", "static 0.1", "static 1", "static 10", "AutoClip()")}
+    assert final["none"][0] == np.inf
+    best_static = min(final[arm][0] for arm in bench.STATIC)
+    loss, on = final["AutoClip()"]
+    assert on == 0 and np.isfinite(loss) and loss <= 1.5 * best_static, final
+    # A healthy SGD MLP: AutoClip never switches on, and training is exactly what it is without it.
+    (plain, _, _), (clipped, on, clip) = (bench.train("tanh_mlp_sgd", arm, epochs=1) for arm in ("none", "AutoClip()"))
+    assert on is None and clipped == plain and clip.state()["clipped"] == 0
+
+
 # Skipping non-finite steps -----------------------------------------------------------------
 
 
@@ -146,6 +173,64 @@ def test_nonfinite_step_is_applied_when_skipping_is_off():
     assert np.isnan(model.weights[0].numpy()).any()
 
 
+# No silent dead end ------------------------------------------------------------------------
+
+
+class SpoilWeights(keras.callbacks.Callback):
+    """Fills the first kernel with NaN before batch `batch`: every later gradient is NaN, and skipping cannot help."""
+
+    def __init__(self, batch):
+        super().__init__()
+        self.batch = batch
+
+    def on_train_batch_begin(self, batch, logs=None):
+        if batch == self.batch:
+            kernel = self.model.layers[0].kernel
+            kernel.assign(np.full(kernel.shape, np.nan, "float32"))
+
+
+def test_nonfinite_weights_stop_training_with_a_message():
+    x, y = regression(batches=200)
+    model = build()
+    clip = keras_vg.AutoClip(verbose=0)
+    with pytest.warns(UserWarning, match=r"AutoClip stopped training at step \d+: `sequential/dense/kernel` holds "
+                                         r"NaN or inf, so skipping non-finite steps cannot help\. The last good step "
+                                         r"was 4; .*Try: restore the weights saved before step 5"):
+        fit(model, x, y, [clip, SpoilWeights(batch=5)])
+    assert model.stop_training
+    stopped = int(model.optimizer.iterations.numpy())
+    # Checked on the host every 32 steps (or second): stopped soon after, not at the end of the 200 steps.
+    assert 6 <= stopped <= 5 + 33
+    assert clip.stopped["step"] == stopped - 1 and clip.stopped["last_good"] == 4  # the last step trained
+    assert clip.state()["skip_run"] == stopped - 5
+
+
+def test_skipped_steps_in_a_row_stop_training(tmp_path):
+    x, y = regression(batches=200)
+    x[3 * BATCH:] = np.nan  # from step 3 on, every batch holds a NaN: the weights stay finite, nothing learns
+    model = build()
+    clip = keras_vg.AutoClip(log_dir=tmp_path, skip_patience=10, verbose=0)
+    with pytest.warns(UserWarning, match=r"steps in a row were skipped \(skip_patience=10\)\. The last good step "
+                                         r"was 2"):
+        fit(model, x, y, [clip])
+    stopped = int(model.optimizer.iterations.numpy())
+    assert 3 + 10 <= stopped <= 3 + 33
+    assert all(np.isfinite(w.numpy()).all() for w in model.weights)  # skipping kept them finite
+    # The stop is in the run, as a warning at the step it happened.
+    [warning] = [e for e in keras_vg.read_run(tmp_path).events() if e["kind"] == "warning"]
+    assert warning["step"] == stopped - 1 and "AutoClip stopped training" in warning["message"]
+
+
+def test_no_stop_without_skips_and_a_new_fit_starts_afresh():
+    x, y = regression(batches=40)
+    x[5 * BATCH] = np.nan  # one NaN batch: skipped, the weights are fine
+    model = build()
+    clip = keras_vg.AutoClip(verbose=0)
+    fit(model, x, y, [clip], epochs=2)
+    assert clip.stopped is None and not model.stop_training
+    assert int(model.optimizer.iterations.numpy()) == 80 and clip.state()["skipped"] == 2
+
+
 # Distribution and compilation modes --------------------------------------------------------
 
 
@@ -180,12 +265,12 @@ def test_mirrored_clips_the_summed_gradient_like_one_device(two_cpu_strategy):
                          ids=["jit", "steps_per_execution", "eager"])
 def test_compilation_modes_match_tf_function(kwargs):
     x, y = regression(batches=6)
-    x[4 * BATCH: 5 * BATCH] *= 50.0  # a spike at step 4
+    x[4 * BATCH: 5 * BATCH] *= 50.0  # a spike at step 4: for the z-score trigger, not for the guard's 10x
     reference = build()
-    reference_clip = keras_vg.AutoClip(keras_vg.ZScore(warmup=3), verbose=0)
+    reference_clip = keras_vg.AutoClip(keras_vg.ZScore(warmup=3), trigger=keras_vg.ZScore(warmup=3), verbose=0)
     fit(reference, x, y, [reference_clip])
     model = build(**kwargs)
-    clip = keras_vg.AutoClip(keras_vg.ZScore(warmup=3), verbose=0)
+    clip = keras_vg.AutoClip(keras_vg.ZScore(warmup=3), trigger=keras_vg.ZScore(warmup=3), verbose=0)
     fit(model, x, y, [clip])
     for a, b in zip(reference.weights, model.weights):
         np.testing.assert_allclose(b.numpy(), a.numpy(), rtol=1e-5, atol=1e-7)
@@ -320,10 +405,6 @@ class StopInEpoch(keras.callbacks.Callback):
             raise RuntimeError("interrupted")
 
 
-def state_of(clip):
-    return {name: v.numpy().copy() for name, v in clip._state.state_variables.items()}
-
-
 def test_backup_and_restore_resumes_history_and_switch(tmp_path):
     x, y = regression(batches=10)
     y[6 * BATCH: 7 * BATCH] *= 100.0  # clipping switches on at step 6
@@ -331,7 +412,7 @@ def test_backup_and_restore_resumes_history_and_switch(tmp_path):
     clip = keras_vg.AutoClip(keras_vg.Percentile(p=50, history=8), trigger=keras_vg.ZScore(warmup=4), verbose=0)
     backup = keras.callbacks.BackupAndRestore(str(tmp_path / "backup"))
     saved = {}
-    keep = keras.callbacks.LambdaCallback(on_epoch_end=lambda epoch, logs: saved.update(state_of(clip)))
+    keep = keras.callbacks.LambdaCallback(on_epoch_end=lambda epoch, logs: saved.update(clip.state()))
     with pytest.raises(RuntimeError, match="interrupted"):
         # The backup is taken at the end of the first epoch (10 steps); the second is interrupted.
         fit(model, x, y, [backup, clip, keep, StopInEpoch(1, 3)],
@@ -347,7 +428,7 @@ def test_backup_and_restore_resumes_history_and_switch(tmp_path):
 
     class Peek(keras.callbacks.Callback):
         def on_train_batch_begin(self, batch, logs=None):
-            seen.setdefault("state", state_of(resumed_clip))
+            seen.setdefault("state", resumed_clip.state())
             seen.setdefault("iterations", int(resumed.optimizer.iterations.numpy()))
 
     fit(resumed, x, y, [resumed_clip, keras.callbacks.BackupAndRestore(str(tmp_path / "backup")), Peek()],
@@ -367,7 +448,7 @@ def test_model_checkpoint_weights_carry_the_state(tmp_path):
     model = build()
     clip = keras_vg.AutoClip(keras_vg.ZScore(warmup=4), verbose=0)
     fit(model, x, y, [clip, keras.callbacks.ModelCheckpoint(path, save_weights_only=True)])
-    saved = state_of(clip)
+    saved = clip.state()
     assert saved["active"] == 1.0
 
     restored = build()
@@ -375,7 +456,7 @@ def test_model_checkpoint_weights_carry_the_state(tmp_path):
     restored_clip.set_model(restored)  # attach the state before loading it
     restored.load_weights(path)
     for name, value in saved.items():
-        np.testing.assert_array_equal(state_of(restored_clip)[name], value, err_msg=name)
+        np.testing.assert_array_equal(restored_clip.state()[name], value, err_msg=name)
 
     # Weight files stay compatible both ways, and the model itself is unchanged.
     plain = build()
@@ -387,9 +468,36 @@ def test_model_checkpoint_weights_carry_the_state(tmp_path):
     fresh_clip = keras_vg.AutoClip(verbose=0)
     fresh_clip.set_model(fresh)
     fresh.load_weights(no_state)
-    assert state_of(fresh_clip)["active"] == 0.0
-    model.save(str(tmp_path / "model.keras"))
-    keras.models.load_model(str(tmp_path / "model.keras"))
+    assert fresh_clip.state()["active"] == 0.0
+
+
+def test_model_save_and_load_model_bring_the_state_back(tmp_path):
+    x, y = regression(batches=10)
+    y[6 * BATCH: 7 * BATCH] *= 100.0  # on at step 6
+    x[8 * BATCH] = np.nan  # step 8 skipped
+    model = build()
+    clip = keras_vg.AutoClip(keras_vg.Percentile(p=50, history=8), verbose=0)
+    fit(model, x, y, [clip])
+    saved = clip.state()
+    assert saved["active"] == 1.0 and saved["skipped"] == 1 and saved["last_good"] == 9 and saved["clipped"] >= 1
+    assert saved["policy.size"] == 8.0 and saved["guard.size"] == 9.0  # the NaN step left both as they were
+    path = str(tmp_path / "model.keras")
+    model.save(path)
+
+    # load_model rebuilds the model from its config, which knows nothing of AutoClip; the state comes
+    # back once an AutoClip of the same configuration is attached and the file's weights are loaded.
+    loaded = keras.models.load_model(path)
+    restored = keras_vg.AutoClip(keras_vg.Percentile(p=50, history=8), verbose=0)
+    restored.set_model(loaded)
+    assert restored.state()["active"] == 0.0  # fresh until loaded
+    loaded.load_weights(path)
+    for name, value in saved.items():
+        np.testing.assert_array_equal(restored.state()[name], value, err_msg=name)
+    for a, b in zip(model.weights, loaded.weights):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
+    # ...and training goes on from there: clipping stays on, the counts continue.
+    fit(loaded, x[: 2 * BATCH], y[: 2 * BATCH], [restored])
+    assert restored.active and restored.state()["last_good"] == 11
 
 
 def test_mirrored_state_is_restored_on_every_replica(tmp_path, two_cpu_strategy):
@@ -399,7 +507,7 @@ def test_mirrored_state_is_restored_on_every_replica(tmp_path, two_cpu_strategy)
     model = build(strategy=strategy)
     clip = keras_vg.AutoClip(keras_vg.ZScore(warmup=4), verbose=0)
     fit(model, x, y, [clip])
-    saved = state_of(clip)
+    saved = clip.state()
     assert saved["active"] == 1.0
     path = str(tmp_path / "mirrored.weights.h5")
     model.save_weights(path)
@@ -443,7 +551,7 @@ def test_log_dir_records_read_back(tmp_path):
                          ids=["monitor_first", "autoclip_first", "mirrored"])
 def test_gradient_monitor_collects_the_clipping_records(tmp_path, strategy, monitor_first, two_cpu_strategy):
     x, y = regression(batches=8)
-    x[6 * BATCH: 7 * BATCH] *= 100.0
+    y[6 * BATCH: 7 * BATCH] *= 100.0
     model = build(strategy=two_cpu_strategy if strategy else None)
     clip = keras_vg.AutoClip(keras_vg.ZScore(warmup=3), verbose=0)
     monitor = keras_vg.GradientMonitor(tmp_path, verbose=0)

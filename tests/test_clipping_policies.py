@@ -309,8 +309,9 @@ def test_bad_configuration_raises_keras_style(make, message):
 
 def test_policies_by_name_and_repr():
     assert isinstance(keras_vg.AutoClip().policy, keras_vg.ZScore)
-    assert keras_vg.AutoClip().trigger is None  # ZScore is its own trigger
-    assert isinstance(keras_vg.AutoClip(policy="percentile").trigger, keras_vg.ZScore)
+    assert keras_vg.AutoClip().trigger is None  # the guard's spikes
+    assert keras_vg.AutoClip(policy="percentile").trigger is None
+    assert isinstance(keras_vg.AutoClip(trigger=keras_vg.ZScore(z=4.0)).trigger, keras_vg.ZScore)
     assert keras_vg.AutoClip(policy="global_norm").policy.threshold == 1.0
     assert isinstance(keras_vg.AutoClip(policy="agc").policy, keras_vg.AGC)
     assert repr(keras_vg.Percentile()) == "Percentile(p=10.0, history=1000, skip_nonfinite=True)"
@@ -327,3 +328,169 @@ def test_global_norm_is_exact_past_float32_range_and_flags_nonfinite():
     for bad in (np.nan, np.inf):
         norm, finite = _global_norm([tf.constant([1.0, bad])])
         assert not bool(finite) and not np.isfinite(float(norm))
+
+
+# The spike guard and the whole per-step decision (ClipSwitch) ------------------------------
+
+from keras_vg.clipping import MAX_NORM, ClipSwitch, SpikeGuard  # noqa: E402
+
+
+def guard_reference(norms, factor=10.0, window=32):
+    """The guard's ratio rule in numpy: each norm against the median of the last `window` norms let in."""
+    seen, spikes, limits = [], [], []
+    for g in norms.astype(np.float64):
+        recent = seen[-window:]
+        median = np.median(recent) if recent else np.nan
+        limit = min(factor * median, MAX_NORM) if recent and median > 0 else MAX_NORM
+        spikes.append(bool((recent and median > 0 and g > limit) or g > MAX_NORM))
+        limits.append(limit)
+        if np.isfinite(g) and g > 0:
+            seen.append(min(g, limit))
+    return np.array(spikes), np.array(limits)
+
+
+def run_switch(switch, norms, step_size=None, weight_norm=None):
+    """Feeds `norms` to `switch.update` one by one; returns the per-step decisions and states (after each step).
+
+    As a `tf.function`, as `AutoClip` runs it (and much faster than eagerly).
+    """
+    update = tf.function(switch.update)
+    state = {k: tf.constant(v) for k, v in switch.init().items()}
+    decisions, states = [], []
+    for step, norm in enumerate(np.asarray(norms, np.float32)):
+        decision, state = update(
+            state, tf.constant(norm), tf.constant(bool(np.isfinite(norm))), tf.constant(step, tf.int64),
+            None if step_size is None else tf.constant(step_size, tf.float32),
+            None if weight_norm is None else tf.constant(weight_norm, tf.float32))
+        decisions.append(decision)
+        states.append({k: v.numpy() for k, v in state.items()})
+    return decisions, states
+
+
+def hostile_norms(seed=0):
+    """Norms a broken run produces: zeros, NaN, ±inf, 1e30 and 1e-30, long constant runs, between noisy ones."""
+    rng = np.random.RandomState(seed)
+    noisy = lambda n: np.exp(rng.randn(n) * 0.3)  # noqa: E731
+    return np.concatenate([
+        [0.0, np.nan, 1e30, np.inf], noisy(8), [0.0] * 5, [np.nan, -np.inf, 1e30, 1e30, 1e-30], noisy(20),
+        [3.0] * 60, [1e30] * 6, noisy(10) * 1e6, [1e-30] * 40, noisy(10), [np.inf] * 3, [5e18, 2e19], noisy(5),
+    ]).astype(np.float32)
+
+
+SWITCHES = {
+    "default": lambda: ClipSwitch(keras_vg.ZScore(), None, SpikeGuard()),
+    "zscore_short_warmup": lambda: ClipSwitch(keras_vg.ZScore(warmup=3), None, SpikeGuard(), cooldown=4),
+    "percentile": lambda: ClipSwitch(keras_vg.Percentile(p=10, history=50), keras_vg.ZScore(), SpikeGuard()),
+    "global_norm_always_on": lambda: ClipSwitch(keras_vg.GlobalNorm(2.0), None, SpikeGuard(), armed=False),
+    "global_norm_triggered": lambda: ClipSwitch(keras_vg.GlobalNorm(0.5), keras_vg.ZScore(warmup=5),
+                                                SpikeGuard(factor=4.0, window=8)),
+}
+
+
+@pytest.mark.parametrize("make", list(SWITCHES.values()), ids=list(SWITCHES))
+@pytest.mark.parametrize("sgd", [False, True], ids=["adaptive", "sgd"])
+def test_switch_invariants_hold_on_every_step_of_a_hostile_sequence(make, sgd):
+    switch = make()
+    norms = hostile_norms()
+    decisions, states = run_switch(switch, norms, *((0.1, 5.0) if sgd else (None, None)))
+    previous = {k: np.asarray(v) for k, v in switch.init().items()}
+    statistics = [k for k in previous if k.startswith(("guard.", "policy.", "trigger."))]
+    for step, (norm, decision, state) in enumerate(zip(norms, decisions, states)):
+        where = f"step {step}, norm {norm}"
+        threshold, after = float(decision.threshold), float(decision.norm_after)
+        # Thresholds are finite and positive, whatever came before; no statistic is ever non-finite.
+        assert np.isfinite(threshold) and threshold > 0, where
+        for name, value in state.items():
+            assert np.all(np.isfinite(value)), (where, name, value)
+        if not np.isfinite(norm):
+            assert bool(decision.skipped) and not bool(decision.clip), where
+        if not np.isfinite(norm) or norm == 0:
+            # A step that says nothing about the scale leaves every statistic as it was.
+            for name in statistics:
+                np.testing.assert_array_equal(state[name], previous[name], err_msg=f"{where}: {name}")
+        elif previous["active"] > 0 or not switch.armed or bool(decision.switched_on):
+            # Clipped to at most the threshold: clipping again at it would change nothing.
+            assert after <= min(norm, threshold * (1 + 1e-6)), where
+            # (The factor underflows to 0 only where the target is 1e-38 of the norm: 1e-29 against 5e18 here.)
+            assert 0 <= float(decision.factor) <= 1 and bool(decision.clip) == (after < norm), where
+        else:
+            assert after == norm and not bool(decision.clip), where  # armed, and no spike: nothing clipped
+        # The guard's window never holds more than MAX_NORM, nor a spike.
+        assert np.all(state["guard.norms"] <= MAX_NORM), where
+        previous = state
+    assert sum(bool(d.switched_on) for d in decisions) >= switch.armed
+
+
+def test_switch_counts_skips_and_the_last_good_step():
+    norms = np.array([1.0, 1.1, np.nan, np.inf, 0.9, np.nan, np.nan, np.nan, 1.0], np.float32)
+    decisions, states = run_switch(SWITCHES["default"](), norms)
+    skipped = ~np.isfinite(norms)
+    np.testing.assert_array_equal([bool(d.skipped) for d in decisions], skipped)
+    run, last_good, runs, lasts = 0, -1, [], []
+    for step, bad in enumerate(skipped):
+        run, last_good = (run + 1, last_good) if bad else (0, step)
+        runs.append(run)
+        lasts.append(last_good)
+    np.testing.assert_array_equal([s["skip_run"] for s in states], runs)
+    np.testing.assert_array_equal([s["last_good"] for s in states], lasts)
+    np.testing.assert_array_equal([s["skipped"] for s in states], np.cumsum(skipped))
+    # The first non-finite step switched clipping on; clipping stays on (no cooldown).
+    assert [bool(d.switched_on) for d in decisions] == [False, False, True] + [False] * 6
+    assert states[-1]["active"] == 1.0
+
+
+def test_guard_matches_its_numpy_reference():
+    rng = np.random.RandomState(3)
+    norms = np.exp(rng.randn(150) * 0.5).astype(np.float32)
+    norms[[5, 6, 40, 41, 42, 90]] *= [30.0, 12.0, 50.0, 50.0, 50.0, 1e25]
+    norms[[60, 61]] = [0.0, np.nan]
+    guard = SpikeGuard(factor=10.0, window=16)
+    state = {k: tf.constant(v) for k, v in guard.init().items()}
+    spikes, limits = [], []
+    for norm in norms:
+        check = guard.check(state, tf.constant(norm))
+        spikes.append(bool(check.spike))
+        limits.append(float(check.limit))
+        if np.isfinite(norm) and norm > 0:
+            state = guard.update(state, tf.minimum(tf.constant(norm), check.limit))
+    ref_spikes, ref_limits = guard_reference(norms, factor=10.0, window=16)
+    np.testing.assert_allclose(limits, ref_limits, rtol=1e-6)
+    clear = ~np.isclose(norms, ref_limits, rtol=1e-5)  # float32 and float64 may differ right at the limit
+    np.testing.assert_array_equal(np.array(spikes)[clear], ref_spikes[clear])
+    assert ref_spikes[[5, 40, 41, 42, 90]].all() and not ref_spikes[:5].any()
+
+
+def test_guard_sgd_rules_from_the_first_step():
+    guard = SpikeGuard(spike_update_ratio=0.2, clip_update_ratio=0.01)
+    state = {k: tf.constant(v) for k, v in guard.init().items()}
+    lr, weight_norm = tf.constant(0.2), tf.constant(12.0)
+    # lr·‖g‖ = 18 against ‖W‖ = 12: the update would move the weights by 150% of their norm.
+    check = guard.check(state, tf.constant(90.0), lr, weight_norm)
+    assert bool(check.spike) and float(check.limit) == np.float32(MAX_NORM)
+    np.testing.assert_allclose(float(check.cap), 0.01 * 12.0 / 0.2, rtol=1e-6)
+    assert not bool(guard.check(state, tf.constant(11.0), lr, weight_norm).spike)  # 18% of ‖W‖
+    # Without a measured weight norm (NaN, or 0) the SGD rules wait: no spike, no cap.
+    for unknown in (np.nan, 0.0):
+        check = guard.check(state, tf.constant(90.0), lr, tf.constant(unknown))
+        assert not bool(check.spike) and np.isinf(float(check.cap))
+
+
+def test_switch_sgd_cap_holds_every_step_once_on():
+    decisions, _ = run_switch(SWITCHES["default"](), [90.0, 20.0, 80.0, 0.5], step_size=0.2, weight_norm=12.0)
+    cap = 0.01 * 12.0 / 0.2
+    assert bool(decisions[0].switched_on)
+    np.testing.assert_allclose([float(d.norm_after) for d in decisions], [cap, cap, cap, 0.5], rtol=1e-6)
+    assert [bool(d.clip) for d in decisions] == [True, True, True, False]
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda: SpikeGuard(factor=1.0), "Received: factor=1.0"),
+    (lambda: SpikeGuard(window=0), "Received: window=0"),
+    (lambda: keras_vg.AutoClip(spike_factor=0.5), "Received: factor=0.5"),
+    (lambda: keras_vg.AutoClip(spike_update_ratio=-1), "Received: spike_update_ratio=-1"),
+    (lambda: keras_vg.AutoClip(clip_update_ratio=float("nan")), "Received: clip_update_ratio=nan"),
+    (lambda: keras_vg.AutoClip(skip_patience=0), "Received: skip_patience=0"),
+])
+def test_guard_configuration_errors(make, message):
+    with pytest.raises(ValueError, match=message.replace(".", r"\.")):
+        make()

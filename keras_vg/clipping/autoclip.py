@@ -177,9 +177,9 @@ class AutoClip(keras.callbacks.Callback):
     - with Keras's `SGD`, a step whose update `lr · ‖g‖` would move the
       weights by `spike_update_ratio` of their norm or more (a learning rate
       too large for the model, often ruinous at the very first step);
-    - once its warm-up is over, the `trigger`'s test (by default ZClip's
-      z-score against running statistics);
-    - a gradient holding NaN or inf.
+    - a gradient holding NaN or inf;
+    - the `trigger`'s test, if given one (such as ZClip's z-score against
+      running statistics, `trigger=keras_vg.ZScore()`).
 
     Once on, every step is clipped to the smallest of the policy's target,
     `spike_factor` times the median of the recent norms, and, with `SGD`,
@@ -227,11 +227,12 @@ class AutoClip(keras.callbacks.Callback):
         policy: How to clip once clipping is on: `"zscore"`, `"percentile"`,
             `"agc"`, `"global_norm"` (each with its defaults), or a policy
             object (`keras_vg.ZScore(...)`, ...). Defaults to `"zscore"`.
-        trigger: What else switches clipping on, besides the guard's spikes
-            and non-finite gradients: `"spike"` (a `ZScore` test; a `ZScore`
-            policy is its own trigger), a policy object whose `exceeded`
-            decision is the trigger, or None for clipping from the first
-            step (plain clipping, as in the papers). Defaults to `"spike"`.
+        trigger: What switches clipping on: `"spike"` (the guard's spikes and
+            non-finite gradients), a policy object whose `exceeded` decision
+            switches it on as well (`keras_vg.ZScore()` for ZClip's z-score
+            test: more sensitive, and on the rescue benchmark it switched on
+            in a healthy SGD run), or None for clipping from the first step
+            (plain clipping, as in the papers). Defaults to `"spike"`.
         cooldown: Calm steps in a row after which clipping switches off, or
             None to keep it on. Needs a trigger. Defaults to `None`.
         log_dir: Directory to write the records into (one TensorBoard run),
@@ -265,8 +266,7 @@ class AutoClip(keras.callbacks.Callback):
         super().__init__()
         self.policy = _resolve(policy, "policy")
         if trigger == "spike":
-            self.trigger = None if isinstance(self.policy, ZScore) else ZScore()
-            self._armed = True
+            self.trigger, self._armed = None, True
         elif trigger is None:
             self.trigger, self._armed = None, False
         else:
@@ -642,7 +642,7 @@ class AutoClip(keras.callbacks.Callback):
         self._last_batch = batch
         self._pending_steps += executed
         if self._pending_steps >= READ_BATCH_RECORDS or time.monotonic() - self._last_read >= READ_INTERVAL_SECS:
-            self._host_work()
+            self._host_work(batch_to_come=True)
 
     def on_epoch_begin(self, epoch, logs=None):
         self._last_batch = None
@@ -656,14 +656,19 @@ class AutoClip(keras.callbacks.Callback):
         if self._writer is not None:
             self._writer.close()
 
-    def _host_work(self):
-        """What the host does every 32 steps or second and at each epoch's end: check, measure, record."""
+    def _host_work(self, batch_to_come=False):
+        """What the host does every 32 steps or second and at each epoch's end: check, then record.
+
+        Args:
+            batch_to_come: Called at a batch's beginning: Keras runs that
+                batch before it looks at `model.stop_training`.
+        """
         if self._buffers is None:
             return
         self._pending_steps = 0
         self._last_read = time.monotonic()
         try:
-            self._check_dead_end()
+            self._check_dead_end(batch_to_come)
         except Exception as error:  # noqa: BLE001 - a failed check must not kill training; clipping goes on
             warnings.warn(f"AutoClip could not check the weights: {type(error).__name__}: {error}.", stacklevel=2)
         self._read_and_write()
@@ -673,7 +678,7 @@ class AutoClip(keras.callbacks.Callback):
         if self._buffers is not None and _sgd_step_size(self._optimizer) is not None:
             self._buffers["weight_norm"].assign(self._host.weight_norm())
 
-    def _check_dead_end(self):
+    def _check_dead_end(self, batch_to_come=False):
         """Stops training where skipping cannot help: non-finite weights or slots, or too many skips in a row."""
         if self.stopped is not None or self._state is None:
             return
@@ -690,10 +695,10 @@ class AutoClip(keras.callbacks.Callback):
             reason = f"{run} steps in a row were skipped (skip_patience={self.skip_patience})"
         else:
             return
-        self._stop(reason, last_good)
+        # The last step trained: the one about to run, or the last one run.
+        self._stop(reason, last_good, int(self._optimizer.iterations.numpy()) - (not batch_to_come))
 
-    def _stop(self, reason, last_good):
-        step = int(self._optimizer.iterations.numpy()) - 1
+    def _stop(self, reason, last_good, step):
         first_bad = last_good + 1
         good = f"The last good step was {last_good}" if last_good >= 0 else "No step's update was applied"
         message = (

@@ -46,17 +46,16 @@ class ClipSwitch:
     2. The guard judges the norm (`SpikeGuard.check`). The statistics of the
        guard, the trigger and the policy take in the norm clipped at the
        guard's limit: never a non-finite value, never a spike.
-    3. A spike of the guard or of the trigger (a policy that is its own
-       trigger, such as `ZScore`, triggers with its `exceeded`) switches
-       clipping on, at that very step.
+    3. A spike of the guard or of the trigger switches clipping on, at that
+       very step.
     4. Once on, the step is clipped to the smallest of the guard's limit,
        its SGD cap and the policy's target. With `cooldown=N`, N calm steps
        in a row switch clipping off again.
 
     Args:
         policy: A `ClipPolicy`: what clips once clipping is on.
-        trigger: A `ClipPolicy` whose `exceeded` switches clipping on, or
-            None (the policy triggers itself when `armed`).
+        trigger: A `ClipPolicy` whose `exceeded` switches clipping on as
+            well as the guard's spikes, or None (the guard's alone).
         guard: A `SpikeGuard`.
         armed: False to clip from the first step (no switching).
         cooldown: Calm steps after which clipping switches off, or None.
@@ -112,8 +111,6 @@ class ClipSwitch:
         if not self.policy.lazy:
             decided, policy_state = self.policy.update(part("policy."), seen, grads, weights)
             statistics.update({"policy." + k: v for k, v in policy_state.items()})
-            if self.trigger is None:
-                spike |= decided.exceeded
         spike &= informative
 
         was_active = state["active"] > 0
