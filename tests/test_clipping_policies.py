@@ -317,15 +317,16 @@ def test_policies_by_name_and_repr():
     assert repr(keras_vg.Percentile()) == "Percentile(p=10.0, history=1000, skip_nonfinite=True)"
 
 
-def test_global_norm_is_exact_past_float32_range_and_flags_nonfinite():
+def test_global_norm_is_one_read_and_flags_nonfinite_and_overflow():
     from keras_vg.clipping.autoclip import _global_norm
 
     norm, finite = _global_norm([tf.constant([3.0, 4.0]), tf.constant([[12.0]])])
     assert float(norm) == 13.0 and bool(finite)
-    norm, finite = _global_norm([tf.constant([3e19, 4e19]), tf.constant([0.0])])  # squares overflow float32
-    np.testing.assert_allclose(float(norm), 5e19, rtol=1e-6)
+    norm, finite = _global_norm([tf.constant([3e18, 4e18]), tf.constant([0.0])])  # past MAX_NORM, still exact
+    np.testing.assert_allclose(float(norm), 5e18, rtol=1e-6)
     assert bool(finite)
-    for bad in (np.nan, np.inf):
+    # Squares past float32's range (a norm past 1.8e19) count as non-finite: skipped like a NaN.
+    for bad in (np.nan, np.inf, 3e19):
         norm, finite = _global_norm([tf.constant([1.0, bad])])
         assert not bool(finite) and not np.isfinite(float(norm))
 

@@ -72,31 +72,75 @@ def _config_key(policy):
 
 
 class _ClipState(keras.layers.Layer):
-    """The state saved with the model's weights: policy and trigger statistics, on/off, calm steps."""
+    """The state saved with the model's weights: statistics, on/off, counts.
+
+    Held in two variables (every float, every integer), not one per entry:
+    a train step reads and writes each variable once, and on a small model
+    each variable op is a visible part of the step (docs/PERFORMANCE.md).
+    Weight files keep one entry per name.
+    """
 
     def __init__(self, key, initial, **kwargs):
         super().__init__(trainable=False, **kwargs)
         self.key = key
-        self.state_variables = {
-            name: tf.Variable(
-                value, trainable=False, name="keras_vg_autoclip_" + name.replace(".", "_"),
-                # Every replica computes the same values from the summed gradient:
-                # each writes its own copy without communication.
-                synchronization=tf.VariableSynchronization.ON_READ,
-                aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA,
-            )
-            for name, value in initial.items()
+        self.names = list(initial)
+        self._shapes = {name: np.shape(value) for name, value in initial.items()}
+        # Scalars first, each kind in name order: one unstack reads them all.
+        self._order = {
+            kind: sorted((n for n in self.names if np.asarray(initial[n]).dtype == kind),
+                         key=lambda n: (self._shapes[n] != (), n))
+            for kind in (np.float32, np.int64)
+        }
+        self.packed = {
+            kind: _sync_on_read(self._pack_numpy(initial, kind), f"keras_vg_autoclip_{np.dtype(kind).name}")
+            for kind in self._order
         }
 
+    def _pack_numpy(self, values, kind):
+        return np.concatenate([np.asarray(values[n], kind).reshape(-1) for n in self._order[kind]] or
+                              [np.zeros([0], kind)])
+
+    def numpy(self):
+        """The state as a dict of numpy values."""
+        values = {}
+        for kind, names in self._order.items():
+            flat, offset = self.packed[kind].numpy(), 0
+            for name in names:
+                size = int(np.prod(self._shapes[name]))
+                values[name] = flat[offset: offset + size].reshape(self._shapes[name]).copy()
+                offset += size
+        return values
+
+    def read(self):
+        """The state as a dict of tensors, read in the train step."""
+        values = {}
+        for kind, names in self._order.items():
+            flat = self.packed[kind].read_value()
+            scalars = [n for n in names if self._shapes[n] == ()]
+            if scalars:
+                values.update(zip(scalars, tf.unstack(flat[: len(scalars)])))
+            vectors = [n for n in names if self._shapes[n] != ()]
+            if vectors:
+                sizes = [int(np.prod(self._shapes[n])) for n in vectors]
+                values.update(zip(vectors, tf.split(flat[len(scalars):], sizes)))
+        return values
+
+    def write(self, values):
+        """Writes a dict of tensors (as `read` returns them) in the train step."""
+        for kind, names in self._order.items():
+            scalars = [tf.cast(values[n], kind) for n in names if self._shapes[n] == ()]
+            vectors = [tf.cast(values[n], kind) for n in names if self._shapes[n] != ()]
+            self.packed[kind].assign(tf.concat(([tf.stack(scalars)] if scalars else []) + vectors, 0))
+
     def save_own_variables(self, store):
-        for name, variable in self.state_variables.items():
-            store[name] = np.asarray(variable.numpy())
+        for name, value in self.numpy().items():
+            store[name] = value
 
     def load_own_variables(self, store):
         keys = set(store.keys())
         if not keys:
             return  # a checkpoint written without AutoClip: start afresh
-        missing = [name for name in self.state_variables if name not in keys]
+        missing = [name for name in self.names if name not in keys]
         if missing:
             warnings.warn(
                 f"The checkpoint's AutoClip state does not match this AutoClip's policy (missing {missing}); "
@@ -104,8 +148,9 @@ class _ClipState(keras.layers.Layer):
                 stacklevel=2,
             )
             return
-        for name, variable in self.state_variables.items():
-            variable.assign(np.asarray(store[name]))
+        values = {name: np.asarray(store[name]) for name in self.names}
+        for kind, variable in self.packed.items():
+            variable.assign(self._pack_numpy(values, kind))
 
 
 def _sync_on_read(value, name):
@@ -117,27 +162,17 @@ def _sync_on_read(value, name):
 
 
 def _global_norm(tensors):
-    """The global L2 norm and whether every value is finite.
+    """The global L2 norm and whether it is finite: one fused reduction per tensor, nothing else.
 
-    The usual step pays one fused reduction per tensor. A NaN anywhere makes
-    the sum of squares NaN; an infinite sum is either an inf in the gradient
-    or finite values whose squares overflow float32 (a norm past 1.8e19).
-    Only then does the rare branch look again, over one flat copy of the
-    gradient, so that a finite gradient of norm 1e20 reads 1e20, not inf. The
-    branch is a lowered `tf.cond`: the usual step pays one switch per
-    gradient for it, not a functional `If` (docs/PERFORMANCE.md).
+    A NaN anywhere makes the sum of squares NaN, an inf makes it inf, and so
+    do finite values whose squares overflow float32 (a norm past 1.8e19):
+    such a gradient counts as non-finite and is skipped like one. Telling
+    the two apart would take a second look at the gradient, behind a
+    conditional that costs a few percent of every step (docs/PERFORMANCE.md);
+    a norm that large is past the guard's ceiling (`MAX_NORM`) anyway.
     """
-    total = 2.0 * tf.add_n([tf.nn.l2_loss(t) for t in tensors])
-
-    def look_again():
-        flat = tf.concat([tf.reshape(t, [-1]) for t in tensors], 0)
-        finite = tf.reduce_all(tf.math.is_finite(flat))
-        peak = tf.reduce_max(tf.abs(flat))
-        scale = tf.where(finite & (peak > 0), peak, 1.0)
-        norm = tf.where(finite, scale * tf.sqrt(tf.reduce_sum(tf.square(flat / scale))), tf.sqrt(total))
-        return norm, finite
-
-    return tf.cond(tf.math.is_inf(total), look_again, lambda: (tf.sqrt(total), tf.math.is_finite(total)))
+    norm = tf.sqrt(2.0 * tf.add_n([tf.nn.l2_loss(t) for t in tensors]))
+    return norm, tf.math.is_finite(norm)
 
 
 def _norm_of(variables):
@@ -310,6 +345,7 @@ class AutoClip(keras.callbacks.Callback):
         self._event_cursor = 0
         self._print_cursor = 0
         self._host_events = []  # events made on the host (a stop), not yet written
+        self._clip_in_update = False  # set by `_install`
 
     def get_config(self):
         trigger = ("spike" if self.trigger is None else repr(self.trigger)) if self._armed else None
@@ -345,7 +381,7 @@ class AutoClip(keras.callbacks.Callback):
     @property
     def active(self):
         """Whether clipping is on now (read from the device)."""
-        return bool(self._state.state_variables["active"].numpy() > 0) if self._state is not None else False
+        return bool(self._state.numpy()["active"] > 0) if self._state is not None else False
 
     def state(self):
         """Returns the checkpointed state as numpy values: `active`, `calm`, the counts and the statistics.
@@ -355,9 +391,7 @@ class AutoClip(keras.callbacks.Callback):
         -1 before any). Statistics are prefixed with `guard.`, `policy.` and
         `trigger.`.
         """
-        if self._state is None:
-            return {}
-        return {name: np.asarray(variable.numpy()).copy() for name, variable in self._state.state_variables.items()}
+        return {} if self._state is None else self._state.numpy()
 
     # Installation --------------------------------------------------------------------
 
@@ -392,7 +426,7 @@ class AutoClip(keras.callbacks.Callback):
         if not self._is_installed(applying):
             self._install(applying)
         self._host = _HostChecks(self.model, applying)
-        self._skipped_seen = int(self._state.state_variables["skipped"].numpy())
+        self._skipped_seen = int(self._state.numpy()["skipped"])
         self._refresh_weight_norm()
 
     def _is_installed(self, optimizer):
@@ -419,14 +453,13 @@ class AutoClip(keras.callbacks.Callback):
         with self.model.distribute_strategy.scope():
             # One spare row past each buffer's capacity: see `_record`.
             self._buffers = {
-                "steps": _sync_on_read(tf.fill([capacity + 1], tf.constant(-1, tf.int64)),
-                                       "keras_vg_autoclip_steps"),
-                "records": _sync_on_read(tf.zeros([capacity + 1, len(RECORD_COLUMNS)]), "keras_vg_autoclip_records"),
-                "window": _sync_on_read(tf.zeros([2]), "keras_vg_autoclip_window"),
-                "event_steps": _sync_on_read(tf.zeros([EVENT_CAPACITY + 1], tf.int64),
-                                             "keras_vg_autoclip_event_steps"),
-                "event_data": _sync_on_read(tf.zeros([EVENT_CAPACITY + 1, 3]), "keras_vg_autoclip_event_data"),
-                "event_count": _sync_on_read(tf.zeros([], tf.int64), "keras_vg_autoclip_event_count"),
+                # float64: a step number is exact in it. Column 0 is the step (-1: empty).
+                "records": _sync_on_read(np.concatenate([np.full([capacity + 1, 1], -1.0),
+                                                         np.zeros([capacity + 1, len(RECORD_COLUMNS)])], 1),
+                                         "keras_vg_autoclip_records"),
+                "events": _sync_on_read(tf.zeros([EVENT_CAPACITY + 1, 4], tf.float64), "keras_vg_autoclip_events"),
+                # Clipped and skipped steps since the last record, and events in all.
+                "counts": _sync_on_read(tf.zeros([3], tf.float64), "keras_vg_autoclip_counts"),
                 # Measured on the host (`_refresh_weight_norm`), read by the guard's SGD rules.
                 "weight_norm": _sync_on_read(tf.constant(np.nan, tf.float32), "keras_vg_autoclip_weight_norm"),
             }
@@ -436,14 +469,18 @@ class AutoClip(keras.callbacks.Callback):
             self.trigger.bind(self.model)
         _installed[optimizer] = self
         self._undo.append(stages.add(self._stage, _keras_compat.CLIP))
+        self._clip_in_update = False
         if self.policy.skip_nonfinite:
-            remove = _keras_compat.install_update_guard(optimizer, self._take_flag,
-                                                        masked=bool(getattr(self.model, "jit_compile", False)))
+            masked = bool(getattr(self.model, "jit_compile", False))
+            remove = _keras_compat.install_update_guard(optimizer, self._take_flag, masked=masked)
             if remove is None:
                 warnings.warn("AutoClip cannot skip non-finite steps on this Keras version; they are applied.",
                               stacklevel=3)
             else:
                 self._undo.append(remove)
+                # A unit-wise clip (AGC) counts what it clipped inside its branch: it keeps its own.
+                self._clip_in_update = (not masked and not self.policy.lazy
+                                        and self.model.distribute_strategy.num_replicas_in_sync == 1)
         # A train function traced before the hooks would not see them.
         self.model.make_train_function(force=True)
 
@@ -473,50 +510,54 @@ class AutoClip(keras.callbacks.Callback):
             return None
         with tf.name_scope("keras_vg_autoclip"):
             new_grads = list(grads)
-            clipped, finite = self._decide([grads[i] for i in present], [variables[i] for i in present])
-            for i, g in zip(present, clipped):
+            for i, g in zip(present, self._decide([grads[i] for i in present], [variables[i] for i in present])):
                 new_grads[i] = g
-            if self.policy.skip_nonfinite:
-                self._flag.value = finite
         return new_grads
 
     def _decide(self, grads, variables):
-        variables_state = self._state.state_variables
-        state = {name: variable.read_value() for name, variable in variables_state.items()}
+        """Decides about this step and records it; returns the gradients to pass on.
+
+        Where the update guard can take it (one replica, no XLA, skipping
+        on), the clip is handed to the guard's conditional, which already
+        chooses between updating and skipping: one conditional on the
+        gradients per step, not two. Otherwise the clip is a lowered
+        conditional here.
+        """
+        state = self._state.read()
         norm, finite = _global_norm([stats.dense_values(g) for g in grads])
         step = tf.cast(tf.convert_to_tensor(self._optimizer.iterations), tf.int64)
         step_size = _sgd_step_size(self._optimizer)
-        weight_norm = self._weight_norm(state["active"] > 0, variables) if step_size is not None else None
-        decision, new_state = self._switch.update(state, norm, finite, step, step_size, weight_norm, grads,
-                                                  variables)
-        # A lowered conditional: while nothing is clipped, the step pays for its switches, not for
-        # a pass over the gradient (docs/PERFORMANCE.md).
-        grads, clipped, norm_after = tf.cond(
-            decision.clip, lambda: self._clip(decision, norm, grads, variables),
-            lambda: (list(grads), tf.constant(False), decision.norm_after))
-        if decision.unitwise:
+        weight_norm = self._buffers["weight_norm"].read_value() if step_size is not None else None
+        decision, new_state = self._switch.update(state, norm, finite, step, step_size, weight_norm, grads, variables)
+
+        def clip(gradients):
+            return self._clip(decision, norm, gradients, variables)
+
+        if self._clip_in_update:
+            self._flag.value = _keras_compat.UpdatePlan(finite, decision.clip, lambda g: clip(g)[0])
+            clipped, norm_after = decision.clip, decision.norm_after
+        else:
+            # While nothing is clipped, the step pays for the conditional's switches, not for a pass
+            # over the gradient.
+            grads, clipped, norm_after = tf.cond(
+                decision.clip, lambda: clip(grads), lambda: (list(grads), tf.constant(False), decision.norm_after))
+            if self.policy.skip_nonfinite:
+                self._flag.value = finite
+        if self.policy.lazy:
             new_state = self._switch.count_clipped(state, new_state, clipped)
-        for name, value in new_state.items():
-            variables_state[name].assign(tf.cast(value, state[name].dtype))
+        self._state.write(new_state)
         self._record(step, norm, norm_after, decision, clipped)
-        return grads, finite
-
-    def _weight_norm(self, active, variables):
-        """‖W‖ for the guard's SGD rules: measured in the step while clipping is on, else the last measure.
-
-        While armed, the step reads no weight: the norm comes from the host
-        (at the start of `fit` and of each epoch) or from the last step that
-        clipping was on. So it changes at the same steps whatever the
-        compilation mode, and runs are reproducible.
-        """
-        stored = self._buffers["weight_norm"]
-        measured = tf.cond(active, lambda: _norm_of(variables), lambda: stored.read_value())
-        stored.assign(measured)
-        return measured
+        return grads
 
     def _clip(self, decision, norm, grads, variables):
-        """The clipping branch: `(grads, clipped, norm_after)`."""
-        if not decision.unitwise:
+        """The clipping branch: `(grads, clipped, norm_after)`.
+
+        With SGD it also measures ‖W‖ for the guard's rules, here where the
+        step pays for a clip anyway: the next steps judge against it.
+        """
+        if _sgd_step_size(self._optimizer) is not None:
+            self._buffers["weight_norm"].assign(_norm_of(variables))
+        if not self.policy.lazy:
             return scale_gradients(grads, decision.factor), tf.constant(True), decision.norm_after
         # A unit-wise policy (AGC) on top of the global bounds: each unit takes the smaller factor.
         unitwise, _ = self.policy.update({}, norm, grads, variables)
@@ -526,35 +567,15 @@ class AutoClip(keras.callbacks.Callback):
         return clipped, unitwise.exceeded | (decision.factor < 1.0), after
 
     def _record(self, step, norm, norm_after, decision, clipped):
-        """Writes this step's row (on record steps) and its events into the device buffers.
-
-        Each buffer has one spare row past its capacity: a step that writes
-        nothing writes there, so that every step runs the same few ops (no
-        select over a whole buffer, no branch). `tensor_scatter_nd_update` of
-        the value read, not a scatter into the variable: SyncOnRead variables
-        have no scatter in a replica context.
-        """
+        """Writes this step's row (on record steps) and its events into the device buffers."""
         b = self._buffers
-        skipped = decision.skipped
-        is_record = tf.equal(step % self.every, 0)
-        slot = tf.where(is_record, (step // self.every) % self._capacity, self._capacity)
-        window = b["window"].read_value() + tf.stack([tf.cast(clipped, tf.float32), tf.cast(skipped, tf.float32)])
-        row = tf.stack([norm, norm_after, decision.threshold, window[0], window[1]])
-        b["records"].assign(tf.tensor_scatter_nd_update(b["records"].read_value(), [[slot]], [row]))
-        b["steps"].assign(tf.tensor_scatter_nd_update(b["steps"].read_value(), [[slot]], [step]))
-        b["window"].assign(tf.where(is_record, tf.zeros([2]), window))
-
-        # At most two events a step: a switch (on or off) and a skip.
-        switched = decision.switched_on | decision.switched_off
-        count = b["event_count"].read_value()
-        first = tf.where(switched, count % EVENT_CAPACITY, EVENT_CAPACITY)
-        second = tf.where(skipped, (count + tf.cast(switched, tf.int64)) % EVENT_CAPACITY, EVENT_CAPACITY)
-        kind = tf.where(decision.switched_on, 1.0, 2.0)
-        rows = tf.stack([tf.stack([kind, norm, decision.threshold]), tf.stack([3.0, norm, decision.threshold])])
-        indices = tf.stack([first, second])[:, tf.newaxis]
-        b["event_steps"].assign(tf.tensor_scatter_nd_update(b["event_steps"].read_value(), indices, [step, step]))
-        b["event_data"].assign(tf.tensor_scatter_nd_update(b["event_data"].read_value(), indices, rows))
-        b["event_count"].assign(count + tf.cast(switched, tf.int64) + tf.cast(skipped, tf.int64))
+        names = ("records", "events", "counts")
+        values = _record_values(
+            {name: b[name].read_value() for name in names}, step, tf.stack([norm, norm_after, decision.threshold]),
+            tf.stack([clipped, decision.skipped, decision.switched_on, decision.switched_off]), self.every,
+            self._capacity)
+        for name in names:
+            b[name].assign(values[name])
 
     # Host side -------------------------------------------------------------------------
 
@@ -568,14 +589,13 @@ class AutoClip(keras.callbacks.Callback):
         """
         if self._buffers is None:
             return []
-        steps = self._buffers["steps"].numpy()[: self._capacity]  # not the spare row
-        rows = self._buffers["records"].numpy()
+        rows = self._buffers["records"].numpy()[: self._capacity]  # not the spare row
         records = []
-        for index in np.argsort(steps):
-            step = int(steps[index])
+        for index in np.argsort(rows[:, 0]):
+            step = int(rows[index, 0])
             if step < 0 or step <= self._last_read_step:
                 continue
-            records.append((step, {name: float(value) for name, value in zip(RECORD_COLUMNS, rows[index])}))
+            records.append((step, {name: float(value) for name, value in zip(RECORD_COLUMNS, rows[index, 1:])}))
         if records:
             self._last_read_step = records[-1][0]
         return records
@@ -584,21 +604,19 @@ class AutoClip(keras.callbacks.Callback):
         """Returns `(events, new_cursor)`: the events recorded since `cursor`, oldest first."""
         if self._buffers is None:
             return [], cursor
-        count = int(self._buffers["event_count"].numpy())
+        count = int(self._buffers["counts"].numpy()[2])
         if count <= cursor:
             return [], count
-        steps = self._buffers["event_steps"].numpy()
-        data = self._buffers["event_data"].numpy()
+        data = self._buffers["events"].numpy()  # step, kind, norm, threshold
         events = []
         first = max(cursor, count - EVENT_CAPACITY)
         if first > cursor:
-            events.append({"kind": "warning", "step": int(steps[first % EVENT_CAPACITY]),
+            events.append({"kind": "warning", "step": int(data[first % EVENT_CAPACITY, 0]),
                            "message": f"AutoClip: {first - cursor} clipping events were overwritten before "
                                       "they were read."})
         for index in range(first, count):
-            slot = index % EVENT_CAPACITY
-            events.append(self._event(int(steps[slot]), EVENT_CODES[int(data[slot, 0])], data[slot, 1],
-                                      data[slot, 2]))
+            step, kind, norm, threshold = data[index % EVENT_CAPACITY]
+            events.append(self._event(int(step), EVENT_CODES[int(kind)], norm, threshold))
         return events, count
 
     def _event(self, step, kind, norm, threshold):
@@ -682,12 +700,12 @@ class AutoClip(keras.callbacks.Callback):
         """Stops training where skipping cannot help: non-finite weights or slots, or too many skips in a row."""
         if self.stopped is not None or self._state is None:
             return
-        state = self._state.state_variables
-        skipped = int(state["skipped"].numpy())
+        state = self._state.numpy()
+        skipped = int(state["skipped"])
         if skipped == self._skipped_seen:
             return  # nothing skipped since the last check: nothing could have gone wrong this way
         self._skipped_seen = skipped
-        run, last_good = int(state["skip_run"].numpy()), int(state["last_good"].numpy())
+        run, last_good = int(state["skip_run"]), int(state["last_good"])
         broken = self._host.first_nonfinite()
         if broken is not None:
             reason = f"`{broken}` holds NaN or inf, so skipping non-finite steps cannot help"
@@ -768,6 +786,49 @@ class AutoClip(keras.callbacks.Callback):
         self.uninstall()
         if self._writer is not None:
             self._writer.close()
+
+
+def _record_values(buffers, step, norms, flags, every, capacity):
+    """The record buffers after one step: its row (on record steps) and its events.
+
+    Each buffer has one spare row past its capacity: a step that writes
+    nothing writes there, so that every step runs the same few ops (no select
+    over a whole buffer, no branch). `tensor_scatter_nd_update` of the values
+    read, not a scatter into the variables: SyncOnRead variables have none in
+    a replica context.
+
+    Args:
+        buffers: A dict of the buffers' values (see `AutoClip._install`).
+        step: The step, int64.
+        norms: `[norm, norm_after, threshold]`, float32.
+        flags: `[clipped, skipped, switched_on, switched_off]`, bool.
+        every: Record every `every`-th step.
+        capacity: Rows of the record buffer (without the spare one).
+
+    Returns:
+        The dict of the buffers' new values.
+    """
+    clipped, skipped, switched_on, switched_off = tf.unstack(flags)
+    norms = tf.cast(norms, tf.float64)
+    at = tf.cast(step, tf.float64)
+    is_record = tf.equal(step % every, 0)
+    # Clipped and skipped steps since the previous record, this one included; then the event count.
+    counts = buffers["counts"] + tf.cast(tf.stack([clipped, skipped, False]), tf.float64)
+    row = tf.concat([[at], norms, counts[:2]], 0)
+    slot = tf.where(is_record, (step // every) % capacity, capacity)
+    # At most two events a step: a switch (on or off) and a skip.
+    switched = switched_on | switched_off
+    count = tf.cast(counts[2], tf.int64)
+    first = tf.where(switched, count % EVENT_CAPACITY, EVENT_CAPACITY)
+    second = tf.where(skipped, (count + tf.cast(switched, tf.int64)) % EVENT_CAPACITY, EVENT_CAPACITY)
+    kinds = tf.constant([1.0, 3.0], tf.float64) + tf.cast(tf.stack([~switched_on, False]), tf.float64)
+    events = tf.concat([tf.fill([2, 1], at), kinds[:, tf.newaxis], tf.tile(norms[tf.newaxis, 0::2], [2, 1])], 1)
+    new_count = counts[2] + tf.cast(switched, tf.float64) + tf.cast(skipped, tf.float64)
+    return {
+        "records": tf.tensor_scatter_nd_update(buffers["records"], [[slot]], [row]),
+        "events": tf.tensor_scatter_nd_update(buffers["events"], tf.stack([first, second])[:, tf.newaxis], events),
+        "counts": tf.concat([tf.where(is_record, tf.zeros([2], tf.float64), counts[:2]), [new_count]], 0),
+    }
 
 
 class _HostChecks:

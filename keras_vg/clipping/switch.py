@@ -14,8 +14,8 @@ Attributes:
         policy: the policy is to be asked, in the clipping branch).
     factor: Scalar float32 tensor: what the global-norm rules (guard, policy)
         multiply the gradient by; 1 where they leave it.
-    unitwise: Python bool: the policy's unit-wise factors (AGC) apply on
-        top of `factor` where `clip` is True.
+    unitwise: Bool: the policy's unit-wise factors (AGC) apply on top of
+        `factor` where `clip` is True (the policy's `lazy`).
     threshold: Scalar float32 tensor, finite and positive: the global norm
         above which this step is clipped once clipping is on.
     norm_after: Scalar float32 tensor: the global norm after `factor`.

@@ -11,6 +11,8 @@ class ZScore(ClipPolicy):
 
     For the first `warmup` steps the global norms are collected; their mean
     μ and (population) variance σ² start two exponential moving averages.
+    Before that, `ZScore` decides nothing (no threshold): under `AutoClip`,
+    the spike guard's bounds are all there is in those steps.
     After that, a step whose z-score `z = (‖g‖ − μ) / (σ + 1e-6)` exceeds `z`
     is clipped to `μ + z² σ / z_t` (ZClip's "adaptive scaling": the larger the
     spike, the harder the clip), and the averages are updated with the
@@ -58,9 +60,10 @@ class ZScore(ClipPolicy):
 
     def init(self):
         return {
-            "warmup_norms": np.zeros([self.warmup], np.float32),
             "count": np.float32(0.0),  # norms seen, counted up to `warmup`
             "mean": np.float32(0.0),
+            # During the warm-up, the sum of squared deviations from the mean (Welford's M2);
+            # from the step that ends it on, the variance.
             "var": np.float32(0.0),
         }
 
@@ -69,35 +72,31 @@ class ZScore(ClipPolicy):
         count, mean, var = state["count"], state["mean"], state["var"]
         ready = count >= self.warmup  # the moving averages exist
 
-        # Warm-up: collect the norm; the step that fills the buffer starts the averages.
-        slots = tf.range(self.warmup, dtype=tf.float32)
-        warmup_norms = tf.where(ready | tf.not_equal(slots, count), state["warmup_norms"], norm)
-        first_mean = tf.reduce_mean(warmup_norms)
-        first_var = tf.reduce_mean(tf.square(warmup_norms - first_mean))
-
         std = tf.sqrt(var)
         z_t = (norm - mean) / (std + self.EPSILON)
         exceeded = ready & (z_t > self.z)
-        safe_z = tf.where(exceeded, z_t, 1.0)
-        target = mean + self.z * self.z * std / safe_z
+        target = mean + self.z * self.z * std / tf.where(exceeded, z_t, 1.0)
         threshold = tf.where(ready, mean + self.z * (std + self.EPSILON), np.nan)
         norm_after = tf.where(exceeded, target, norm)
-        safe_norm = tf.where(norm > 0, norm, 1.0)
 
+        # Warm-up: the mean and variance of the first `warmup` norms, kept as they come (Welford), so
+        # that no buffer of them is needed; after it, ZClip's moving averages of the clipped norm.
+        seen = count + 1.0
+        warm_mean = mean + (norm - mean) / seen
+        warm_m2 = var + (norm - mean) * (norm - warm_mean)
+        warm_var = tf.where(tf.equal(seen, self.warmup), warm_m2 / seen, warm_m2)
         new_mean = self.alpha * mean + (1.0 - self.alpha) * norm_after
         new_var = self.alpha * var + (1.0 - self.alpha) * tf.square(norm_after - new_mean)
-        starts = tf.logical_not(ready) & tf.equal(count + 1.0, self.warmup)
         new_state = {
-            "warmup_norms": warmup_norms,
-            "count": tf.minimum(count + 1.0, float(self.warmup)),
-            "mean": tf.where(ready, new_mean, tf.where(starts, first_mean, mean)),
-            "var": tf.where(ready, new_var, tf.where(starts, first_var, var)),
+            "count": tf.minimum(seen, float(self.warmup)),
+            "mean": tf.where(ready, new_mean, warm_mean),
+            "var": tf.where(ready, new_var, warm_var),
         }
         decision = Decision(
             exceeded=exceeded,
             threshold=threshold,
             norm_after=norm_after,
-            factor=tf.where(exceeded, target / safe_norm, 1.0),
+            factor=tf.where(exceeded, target / tf.where(norm > 0, norm, 1.0), 1.0),
         )
         return decision, new_state
 
