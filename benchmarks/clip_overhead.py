@@ -24,11 +24,14 @@ Usage:
     python -u benchmarks/clip_overhead.py                  # the SGD MLP, 12 rounds
     python -u benchmarks/clip_overhead.py --models sgd_mlp mlp --threads 1 --rounds 16
     python -u benchmarks/clip_overhead.py --threads 1 --jit         # XLA
+    python -u benchmarks/clip_overhead.py --threads 1 --per-step 600   # and paired step by step
 """
 
 import argparse
 import os
+import statistics
 import sys
+import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
@@ -74,7 +77,8 @@ OPTIMIZER_ARGUMENTS = {"Keras global_clipnorm (reference)": {"global_clipnorm": 
 """Keras's own clipping, for scale: it too needs every gradient's norm before any update."""
 
 
-def run_model(name, rounds, batches, jit_compile=False):
+def build_arms(name, batches, jit_compile):
+    """`(models, callbacks, x, y, batch)`: every arm's own model, compiled, and its callbacks."""
     build = MODELS[name]
     keras.utils.set_random_seed(0)
     _, x, batch = build()
@@ -91,6 +95,19 @@ def run_model(name, rounds, batches, jit_compile=False):
         clip = make()
         # One callback per arm for all rounds: a later fit reuses the traced function.
         callbacks[arm] = [clip] if clip is not None else []
+    return models, callbacks, x, y, batch
+
+
+def check_armed(callbacks):
+    """The armed arms must have stayed armed: otherwise they measured clipping, not the armed step."""
+    for arm, arm_callbacks in callbacks.items():
+        if "armed" in arm and arm_callbacks and arm_callbacks[0].active:
+            raise AssertionError(f"{arm}: clipping switched on during the benchmark")
+
+
+def run_model(name, rounds, batches, jit_compile=False):
+    models, callbacks, x, y, batch = build_arms(name, batches, jit_compile)
+
     def trace_counts():
         return {arm: c[0].trace_count for arm, c in callbacks.items() if c}
 
@@ -101,7 +118,42 @@ def run_model(name, rounds, batches, jit_compile=False):
     xla = ", jit_compile=True" if jit_compile else ""
     print_table(f"{name}{xla}: batch {batch}, {batches} batches/round, {rounds} rounds", wall, cpu, batches - 3)
     assert trace_counts() == warmed_up, (warmed_up, trace_counts())  # no retrace after the warm-up round
+    check_armed(callbacks)
     return wall
+
+
+def run_per_step(name, steps, jit_compile=False):
+    """Pairs the arms step by step: `train_on_batch` on each arm in turn, `steps` times.
+
+    A finer pairing than rounds of `fit`: each step's time is divided by
+    plain's time for its neighbouring step, which cancels a shared machine's
+    drifts within milliseconds, not seconds. What it leaves out: the
+    callbacks' host work (AutoClip's reads every 32 steps), which a batch
+    does not wait for anyway.
+    """
+    models, callbacks, x, y, batch = build_arms(name, 4, jit_compile)
+    for arm, model in models.items():  # installs the hooks and traces, as fit does
+        model.fit(x, y, batch_size=batch, epochs=1, verbose=0, callbacks=callbacks[arm])
+    xb, yb = x[:batch], y[:batch]
+    names = list(models)
+    times = {arm: [] for arm in names}
+    for index in range(steps):
+        offset = index % len(names)
+        for arm in names[offset:] + names[:offset]:
+            start = time.perf_counter()
+            models[arm].train_on_batch(xb, yb)
+            times[arm].append(time.perf_counter() - start)
+    check_armed(callbacks)
+    base = times["plain"]
+    xla = ", jit_compile=True" if jit_compile else ""
+    print(f"\n{name}{xla}: batch {batch}, {steps} steps per arm, paired step by step "
+          f"(plain: median {statistics.median(base) * 1e3:.1f} ms/step)")
+    print("| arm | median paired step ratio [quartiles] |")
+    print("|---|---|")
+    for arm in names[1:]:
+        ratios = [t / b for t, b in zip(times[arm], base)]
+        q1, median, q3 = statistics.quantiles(ratios, n=4)
+        print(f"| {arm} | {median:.3f} [{q1:.3f}, {q3:.3f}] |")
 
 
 def main():
@@ -111,12 +163,16 @@ def main():
     parser.add_argument("--batches", type=int, default=30)
     add_threads_option(parser)
     parser.add_argument("--jit", action="store_true", help="Compile every arm with jit_compile=True (XLA).")
+    parser.add_argument("--per-step", type=int, default=0, metavar="STEPS",
+                        help="Also pair the arms step by step (train_on_batch), STEPS steps per arm.")
     args = parser.parse_args()
     hold_threads(args.threads)
     print(f"TensorFlow {tf.__version__}, Keras {keras.__version__}, devices: "
           f"{[d.device_type for d in tf.config.list_physical_devices()]}")
     for name in args.models:
         run_model(name, args.rounds, args.batches, args.jit)
+        if args.per_step:
+            run_per_step(name, args.per_step, args.jit)
 
 
 if __name__ == "__main__":

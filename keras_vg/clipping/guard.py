@@ -5,7 +5,7 @@ import collections
 import numpy as np
 import tensorflow as tf
 
-from keras_vg.clipping.policy import MAX_NORM, check_positive
+from keras_vg.clipping.policy import MAX_NORM, check_positive, ring_append, ring_init, ring_percentile
 
 GuardCheck = collections.namedtuple("GuardCheck", ["spike", "limit", "cap"])
 GuardCheck.__doc__ = """What the guard says about one step's global norm.
@@ -101,11 +101,7 @@ class SpikeGuard:
 
     def init(self):
         """Returns the initial state: a dict from name to a float32 numpy array."""
-        return {
-            "norms": np.zeros([self.window], np.float32),
-            "size": np.float32(0.0),  # valid entries, at most `window`
-            "position": np.float32(0.0),  # next slot to write
-        }
+        return ring_init(self.window)
 
     def check(self, state, norm, step_size=None, weight_norm=None):
         """Judges one step's global norm against the state (which it does not change).
@@ -121,7 +117,7 @@ class SpikeGuard:
         Returns:
             A `GuardCheck`.
         """
-        median = _median(state["norms"], state["size"])
+        median = ring_percentile(state, 50.0)  # NaN before any norm
         known = median > 0  # NaN (nothing seen yet) and zero are no scale to compare with
         limit = tf.minimum(tf.where(known, self.factor * median, MAX_NORM), MAX_NORM)
         spike = (known & (norm > limit)) | (norm > MAX_NORM)
@@ -139,12 +135,7 @@ class SpikeGuard:
 
     def update(self, state, seen):
         """Returns the state with `seen` (a finite norm at most the step's `limit`) in the window."""
-        slots = tf.range(self.window, dtype=tf.float32)
-        return {
-            "norms": tf.where(tf.equal(slots, state["position"]), seen, state["norms"]),
-            "size": tf.minimum(state["size"] + 1.0, float(self.window)),
-            "position": tf.math.floormod(state["position"] + 1.0, float(self.window)),
-        }
+        return ring_append(state, seen)
 
     def get_config(self):
         return {"factor": self.factor, "window": self.window, "spike_update_ratio": self.spike_update_ratio,
@@ -153,12 +144,3 @@ class SpikeGuard:
     def __repr__(self):
         arguments = ", ".join(f"{k}={v!r}" for k, v in self.get_config().items())
         return f"{type(self).__name__}({arguments})"
-
-
-def _median(values, size):
-    """The median of `values[:size]` (NaN where `size` is 0), as `np.median` computes it."""
-    ordered = tf.sort(tf.where(tf.range(tf.shape(values)[0], dtype=tf.float32) < size, values, np.inf))
-    middle = tf.maximum(size - 1.0, 0.0) / 2.0
-    lower = tf.gather(ordered, tf.cast(tf.floor(middle), tf.int32))
-    upper = tf.gather(ordered, tf.cast(tf.math.ceil(middle), tf.int32))
-    return tf.where(size > 0, (lower + upper) / 2.0, np.nan)

@@ -1,19 +1,21 @@
 """`Percentile`: AutoClip's rule, clip at a percentile of the norms seen so far."""
 
-import numpy as np
-import tensorflow as tf
-
-from keras_vg.clipping.policy import ClipPolicy, check_positive, norm_decision
+from keras_vg.clipping.policy import ClipPolicy, check_positive, norm_decision, ring_append, ring_init, ring_percentile
 
 
 class Percentile(ClipPolicy):
     """Clips the global norm at the `p`-th percentile of the recent global norms.
 
-    Each step appends its (finite, pre-clip) global norm to a ring buffer of
-    the last `history` norms, then clips at `np.percentile(buffer, p)` (linear
+    Each step appends its global norm to a ring buffer of the last
+    `history` norms, then clips at `np.percentile(buffer, p)` (linear
     interpolation), the current norm included, as in the paper's code. The
     paper keeps every norm; the bounded buffer keeps memory and time per step
-    constant.
+    constant. Before the buffer is full, the percentile is taken over the
+    norms it has: over one norm, the norm itself (no clip).
+
+    The norm appended is the pre-clip one, as in the paper (under `AutoClip`,
+    as bounded by the spike guard): a history of the percentile's own
+    clipped norms could only ratchet down.
 
     Args:
         p: The percentile, in (0, 100]. Defaults to `10` (the paper's).
@@ -47,32 +49,13 @@ class Percentile(ClipPolicy):
         self.history = int(history)
 
     def init(self):
-        return {
-            "norms": np.zeros([self.history], np.float32),
-            "size": np.float32(0.0),  # valid entries, at most `history`
-            "position": np.float32(0.0),  # next slot to write
-        }
+        return ring_init(self.history)
 
     def update(self, state, norm, grads=None, weights=None):
         del grads, weights
-        slots = tf.range(self.history, dtype=tf.float32)
-        norms = tf.where(tf.equal(slots, state["position"]), norm, state["norms"])
-        size = tf.minimum(state["size"] + 1.0, float(self.history))
-        position = tf.math.floormod(state["position"] + 1.0, float(self.history))
-        threshold = _percentile(norms, size, self.p)
-        new_state = {"norms": norms, "size": size, "position": position}
+        new_state = ring_append(state, norm)
+        threshold = ring_percentile(new_state, self.p)
         return norm_decision(norm, threshold, threshold), new_state
 
     def get_config(self):
         return {"p": self.p, "history": self.history, **super().get_config()}
-
-
-def _percentile(values, size, p):
-    """`np.percentile(values[:size], p)` (linear method) for a buffer filled from its start."""
-    valid = tf.range(tf.shape(values)[0], dtype=tf.float32) < size
-    ordered = tf.sort(tf.where(valid, values, np.inf))
-    rank = (p / 100.0) * (size - 1.0)
-    below = tf.floor(rank)
-    lower = tf.gather(ordered, tf.cast(below, tf.int32))
-    upper = tf.gather(ordered, tf.cast(tf.minimum(below + 1.0, size - 1.0), tf.int32))
-    return lower + (upper - lower) * (rank - below)

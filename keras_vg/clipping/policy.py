@@ -131,6 +131,38 @@ def norm_decision(norm, threshold, target):
     )
 
 
+def ring_init(capacity):
+    """The state of a ring buffer of the last `capacity` norms: `norms`, `size` (valid entries), `position`."""
+    return {
+        "norms": np.zeros([capacity], np.float32),
+        "size": np.float32(0.0),  # valid entries, at most `capacity`
+        "position": np.float32(0.0),  # next slot to write
+    }
+
+
+def ring_append(state, value):
+    """The ring buffer's state with `value` written over its oldest entry."""
+    capacity = state["norms"].shape[0]
+    slots = tf.range(capacity, dtype=tf.float32)
+    return {
+        "norms": tf.where(tf.equal(slots, state["position"]), value, state["norms"]),
+        "size": tf.minimum(state["size"] + 1.0, float(capacity)),
+        "position": tf.math.floormod(state["position"] + 1.0, float(capacity)),
+    }
+
+
+def ring_percentile(state, p):
+    """`np.percentile(norms, p)` (linear method) over the ring buffer's valid entries; NaN while it is empty."""
+    values, size = state["norms"], state["size"]
+    valid = tf.range(tf.shape(values)[0], dtype=tf.float32) < size
+    ordered = tf.sort(tf.where(valid, values, np.inf))
+    rank = (p / 100.0) * tf.maximum(size - 1.0, 0.0)
+    below = tf.floor(rank)
+    lower = tf.gather(ordered, tf.cast(below, tf.int32))
+    upper = tf.gather(ordered, tf.cast(tf.minimum(below + 1.0, tf.maximum(size - 1.0, 0.0)), tf.int32))
+    return tf.where(size > 0, lower + (upper - lower) * (rank - below), np.nan)
+
+
 def check_positive(name, value, integer=False, allow_zero=False):
     """Raises in Keras style unless `value` is a (strictly) positive number."""
     kinds = (int, np.integer) if integer else (int, float, np.integer, np.floating)
