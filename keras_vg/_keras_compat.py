@@ -13,6 +13,9 @@ Private names used here, and why:
   the optimizer's `assign*` methods (see `update_is_observable`).
 - The `_lower_using_switch_merge` attribute of TensorFlow's `If` op (see
   `unlowered_cond`).
+- That the TensorFlow trainer's `make_train_function` binds `train_step` when
+  it builds the function, not when it traces it (see
+  `train_function_with_step`).
 """
 
 import contextlib
@@ -54,6 +57,36 @@ def applying_optimizer(optimizer):
     """
     inner = getattr(optimizer, "inner_optimizer", None)
     return applying_optimizer(inner) if inner is not None else optimizer
+
+
+def train_function_with_step(model, train_step):
+    """Builds a train function the way `model.make_train_function` does, around another step.
+
+    The function has everything Keras puts around its step (the loop of
+    `steps_per_execution`, the distribution strategy, `jit_compile`), so it
+    can stand in for `model.train_function` on some steps. The model's own
+    `train_function` and `train_step` are left as they were: Keras 3.15's
+    TensorFlow trainer reads `train_step` when it builds the function.
+
+    Args:
+        model: A compiled Keras model on the TensorFlow backend.
+        train_step: A function of one batch, as `Model.train_step`.
+
+    Returns:
+        The new train function (traced at its first call).
+    """
+    own_step = model.__dict__.get("train_step")
+    own_function = model.train_function
+    model.train_step = train_step
+    try:
+        model.make_train_function(force=True)
+        return model.train_function
+    finally:
+        if own_step is None:
+            del model.train_step
+        else:
+            model.train_step = own_step
+        model.train_function = own_function
 
 
 def unlowered_cond(pred, true_fn, false_fn):

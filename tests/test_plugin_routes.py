@@ -15,6 +15,7 @@ import warnings
 
 import numpy as np
 import pytest
+import tensorboard_browser as testing
 from tensorboard.backend import application
 from tensorboard.backend.event_processing import data_provider as provider_lib
 from tensorboard.backend.event_processing import plugin_event_multiplexer
@@ -25,7 +26,7 @@ from keras_vg import detect
 from keras_vg import format as fmt
 from keras_vg.reader import read_run
 from tb_plugin import data as data_lib
-from tb_plugin import downsample, testing
+from tb_plugin import downsample
 from tb_plugin.plugin import GradientsPlugin
 
 NAMES = [f"dense_{i}/kernel" for i in range(8)]
@@ -402,7 +403,7 @@ def test_serves_the_clipping_autoclip_recorded(tmp_path):
     model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(8, activation="relu"), keras.layers.Dense(1)])
     model.compile(optimizer=keras.optimizers.SGD(1e-3), loss="mse")
     clip = keras_vg.AutoClip(keras_vg.ZScore(warmup=4), verbose=0)
-    monitor = keras_vg.GradientMonitor(log_dir, verbose=0)
+    monitor = keras_vg.GradientMonitor(log_dir, every=1, verbose=0)
     model.fit(x, y, batch_size=8, epochs=1, shuffle=False, verbose=0, callbacks=[monitor, clip])
     monitor.close()
 
