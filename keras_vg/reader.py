@@ -68,8 +68,10 @@ class Run:
             `(steps, names, values)`: `steps` an int64 array `[T]`; `names`
             the list of `N` variable paths or layer names (empty for a
             scalar statistic); `values` a float32 array `[T, N]`, or `[T]`
-            for a scalar statistic. A name missing at some step (the model
-            changed between two `fit` calls) reads as NaN there.
+            for a scalar statistic. `names` is the union of the names
+            recorded over the run, in model order: where the trainable
+            variables changed between two `fit` calls (layers unfrozen or
+            frozen), a name not recorded at a step reads NaN there.
 
         Raises:
             KeyError: if the run has no such statistic; the message lists
@@ -85,7 +87,8 @@ class Run:
         if fmt.axis_of(name) == fmt.AXIS_SCALAR:
             values = np.array([by_step[s][1].reshape(()) for s in steps], dtype=np.float32)
             return steps, [], values
-        names = list(self._metadata[name]["names"])
+        lists = {id(n): n for n, _ in (by_step[s] for s in steps)}  # one list per file, in step order
+        names = fmt.merge_names(list(lists.values()))
         index = {n: i for i, n in enumerate(names)}
         values = np.full((len(steps), len(names)), np.nan, dtype=np.float32)
         for row, step in enumerate(steps):
@@ -179,6 +182,42 @@ def _add_record(name, step, tensor, metadata, series, json_records):
     else:
         names = metadata.get("names", [])
         series.setdefault(name, {})[int(step)] = (names, np.asarray(array, dtype=np.float32))
+
+
+def latest_records(log_dir):
+    """The last step and the last model summary that keras-vg wrote into a run directory.
+
+    Writers call this when training starts, to continue the run's step axis
+    instead of writing over it. Only the newest event files are read: each
+    `fit` writes a file of its own, and steps only go forward.
+
+    Args:
+        log_dir: A run directory (it need not exist).
+
+    Returns:
+        A tuple `(last_step, model_summary)`: the largest step recorded (None
+        if nothing was) and the newest model summary (None if none).
+    """
+    from tensorboard.backend.event_processing.event_file_loader import RawEventFileLoader
+    from tensorboard.compat.proto import event_pb2
+
+    last_step, summary = None, None
+    model_tag = fmt.tag_for(fmt.MODEL_NAME)
+    ours = [path for path in _event_files(os.fspath(log_dir)) if path.endswith(".keras_vg")]
+    # Newest first by modification time: names hold the creating second only.
+    for path in sorted(ours, key=os.path.getmtime, reverse=True):
+        for record in RawEventFileLoader(path).Load():
+            event = event_pb2.Event.FromString(record)
+            tags = [value.tag for value in event.summary.value if fmt.name_for(value.tag) is not None]
+            if not tags:
+                continue
+            last_step = event.step if last_step is None else max(last_step, event.step)
+            for value in event.summary.value:
+                if value.tag == model_tag:
+                    summary = fmt.decode_json(value.tensor.string_val[0])
+        if last_step is not None:
+            break
+    return last_step, summary
 
 
 def find_runs(root):
