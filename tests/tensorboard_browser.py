@@ -1,7 +1,7 @@
 """Drives the plugin the way a user sees it: a real `tensorboard` and headless Chromium.
 
-Used by `tests/test_plugin_browser.py`, `benchmarks/plugin_scale.py` and to
-make `docs/images/dashboard.png`. Standard library only: Chromium is driven
+Test code, not shipped: used by `tests/test_plugin_browser.py`,
+`benchmarks/plugin_scale.py` and to make `docs/images/dashboard.png`. Standard library only: Chromium is driven
 over the DevTools protocol through `--remote-debugging-pipe` (JSON messages
 ended by NUL bytes on file descriptors 3 and 4), so no websocket client is
 needed. The plugin itself never imports this module.

@@ -15,9 +15,10 @@ import shutil
 
 import numpy as np
 import pytest
+import tensorboard_browser as testing
 
 from keras_vg.reader import read_run
-from tb_plugin import downsample, testing
+from tb_plugin import downsample
 
 NAMES = [f"dense_{i}/kernel" for i in range(8)]
 XSS_NAME = "<img src=x onerror=alert(1)>/kernel"

@@ -13,6 +13,7 @@ import threading
 
 import numpy as np
 import pytest
+import tensorboard_browser as testing
 from tensorboard import context as context_lib
 from tensorboard.backend import application
 from tensorboard.backend.event_processing import data_provider as provider_lib
@@ -24,7 +25,7 @@ from keras_vg import detect
 from keras_vg import format as fmt
 from keras_vg.event_writer import EventWriter
 from keras_vg.reader import read_run
-from tb_plugin import background, downsample, testing
+from tb_plugin import background, downsample
 from tb_plugin import data as data_lib
 from tb_plugin.plugin import GradientsPlugin
 
