@@ -146,9 +146,9 @@ class GradientMonitor(keras.callbacks.Callback):
             return
         if self._sync is None:
             self._guard(lambda: self._start_epoch(batch))
-        elif self._pending >= READ_BATCH_RECORDS or (
+        elif self.tap is not None and (self._pending >= READ_BATCH_RECORDS or (
             self._pending and time.monotonic() - self._last_read >= READ_INTERVAL_SECS
-        ):
+        )):
             self._guard(lambda: self._read(batch))
         if self._recording:
             self._guard(lambda: self._choose_function(batch))
@@ -240,6 +240,7 @@ class GradientMonitor(keras.callbacks.Callback):
 
     def _choose_function(self, batch):
         """Runs the instrumented function for an execution that holds a record step, else Keras's own."""
+        self._last_batch = batch + int(getattr(self.model, "steps_per_execution", 1) or 1) - 1
         start = self._sync[1] + batch - self._sync[0]
         self._check_after_first_record()
         if self._summary_pending and self.model.trainable_variables:
@@ -310,6 +311,9 @@ class GradientMonitor(keras.callbacks.Callback):
 
     def _end_epoch(self):
         iterations = self._iterations()
+        if self._host_weight_norms and self._sync is not None:
+            # A train step that bypasses the optimizer does not advance its count: count the batches.
+            iterations = self._sync[1] + self._last_batch + 1 - self._sync[0]
         self._next_iterations = iterations
         self._sync = None
         if self.tap is not None:

@@ -128,7 +128,6 @@ class Tap:
         self.variable_names = []
         self.buffers = None
         self.trace_count = 0
-        self.plain_trace_count = 0
         self.applied = False
         self._recording = 0
         self._recording_lock = threading.Lock()
@@ -398,7 +397,6 @@ class Tap:
     def _apply(self, original):
         def apply(grads, trainable_variables=None):
             if not self._recording:
-                self.plain_trace_count += 1
                 return original(grads, trainable_variables)
             self.applied = True
             grads = list(grads)
