@@ -58,11 +58,18 @@ class Run:
         """Returns the names of the statistics present, in `format.STATS` order."""
         return [name for name in fmt.STATS if name in self._series]
 
-    def stat(self, name):
+    def stat(self, name, by="variable"):
         """Returns one statistic over time.
 
         Args:
             name: A statistic name from `keras_vg.format.STATS`.
+            by: `"variable"` for the values as recorded, or `"layer"` to
+                combine a per-variable statistic into one value per layer
+                (`keras_vg.layer_stats`: norms as the root of the sum of
+                squares, maxima as the max, non-finite counts as the sum,
+                update ratios over the layer's variables together).
+                Per-layer and scalar statistics are the same either way.
+                Defaults to `"variable"`.
 
         Returns:
             `(steps, names, values)`: `steps` an int64 array `[T]`; `names`
@@ -71,17 +78,27 @@ class Run:
             for a scalar statistic. `names` is the union of the names
             recorded over the run, in model order: where the trainable
             variables changed between two `fit` calls (layers unfrozen or
-            frozen), a name not recorded at a step reads NaN there.
+            frozen), a name not recorded at a step reads NaN there. With
+            `by="layer"`, `names` are layer names.
 
         Raises:
             KeyError: if the run has no such statistic; the message lists
                 those it has.
+            ValueError: for a `by` other than `"variable"` and `"layer"`.
+
+        Example:
+
+        >>> steps, layers, norms = read_run("logs/run1").stat("grad_norm", by="layer")  # doctest: +SKIP
         """
+        if by not in ("variable", "layer"):
+            raise ValueError(f'`by` must be "variable" or "layer". Received: by={by!r}')
         if name not in self._series:
             raise KeyError(
                 f"This run has no statistic {name!r}. Available: {self.stats()}. "
                 f"Known statistics: {list(fmt.STATS)}"
             )
+        if by == "layer" and fmt.axis_of(name) == fmt.AXIS_VARIABLE:
+            return self._by_layer(name)
         by_step = self._series[name]
         steps = np.array(sorted(by_step), dtype=np.int64)
         if fmt.axis_of(name) == fmt.AXIS_SCALAR:
@@ -100,6 +117,28 @@ class Run:
                     if n in index:
                         values[row, index[n]] = v
         return steps, names, values
+
+    def _by_layer(self, name):
+        from keras_vg import layer_stats
+
+        steps, names, values = self.stat(name)
+        summaries = [summary for _, summary in self._json.get(fmt.MODEL_NAME, [])]
+        every_layer = [layer for summary in summaries for layer in summary.get("layers", [])]
+        layers = layer_stats.variable_layers(names, {"layers": every_layer})
+        weight_norm = None
+        if name == "update_ratio":
+            if "weight_norm" not in self._series:
+                raise KeyError("This run has no `weight_norm`, through which `update_ratio` combines by layer. "
+                               f"Available: {self.stats()}")
+            norm_steps, norm_names, norms = self.stat("weight_norm")
+            weight_norm = np.full(values.shape, np.nan, np.float32)
+            rows = {step: row for row, step in enumerate(norm_steps)}
+            columns = {n: i for i, n in enumerate(norm_names)}
+            for row, step in enumerate(steps):
+                if step in rows:
+                    weight_norm[row] = [norms[rows[step], columns[n]] if n in columns else np.nan for n in names]
+        layer_names, layer_values = layer_stats.by_layer(name, layers, values, weight_norm)
+        return steps, layer_names, layer_values
 
     def events(self):
         """Returns the recorded events (alerts, clipping on/off, skipped steps).
