@@ -124,3 +124,25 @@ def dead_unit_gate(layer):
 def saturation_kind(layer):
     """Returns `"sigmoid"` or `"tanh"` for a layer whose output can saturate, else None."""
     return SATURATING.get(activation_name(layer))
+
+
+def activation_layers(model, stats):
+    """The layers whose activations a monitor measures, for the statistics asked for.
+
+    Args:
+        model: A Keras model, built or not.
+        stats: Names of the statistics recorded.
+
+    Returns:
+        `(dead, saturation)`: a list of `(layer, Gate)` whose units can die
+        (if `dead_fraction` is asked for), and a list of `(layer, kind)` that
+        saturate (if `saturation_fraction` is).
+    """
+    dead, saturation = [], []
+    for layer in walk_layers(model):
+        gate, kind = dead_unit_gate(layer), saturation_kind(layer)
+        if gate is not None and "dead_fraction" in stats:
+            dead.append((layer, gate))
+        elif kind is not None and "saturation_fraction" in stats:
+            saturation.append((layer, kind))
+    return dead, saturation

@@ -92,7 +92,11 @@ def norms_and_max_abs(tensors, sums_of_squares, nonfinite):
     max_abs = _max_abs(tensors)
     # Squares below float32's smallest normal (~1.2e-38) are flushed to zero. Their total
     # stays under 1e-7 of the sum while the sum exceeds size · 1.2e-31.
-    sizes = tf.stack([tf.cast(tf.size(t), tf.float32) for t in tensors])
+    static = [t.shape.num_elements() for t in tensors]
+    if all(size is not None for size in static):
+        sizes = tf.constant(static, tf.float32)  # no op per tensor when the shapes are known
+    else:
+        sizes = tf.stack([tf.cast(tf.size(t), tf.float32) for t in tensors])
     exact = (tf.math.is_finite(sums_of_squares) & (sums_of_squares > sizes * 1.2e-31)) | (max_abs == 0) | (
         nonfinite > 0)
     plain = tf.sqrt(sums_of_squares)

@@ -29,17 +29,12 @@ import tensorflow as tf
 
 from keras_vg import _keras_compat, stats
 from keras_vg import format as fmt
-from keras_vg.layers import activation_name, dead_unit_gate, saturation_kind, unit_axis, walk_layers
+from keras_vg.layers import activation_layers, activation_name, unit_axis, walk_layers
 from keras_vg.nonfinite_watch import loss_tracker
+from keras_vg.record_buffers import RecordBuffers
 from keras_vg.weight_updates import UpdateMeter, backend_value
 
 __all__ = ["Tap", "activation_name", "walk_layers"]
-
-GRADIENT_ROWS = ("grad_norm", "grad_max_abs", "grad_nonfinite")
-"""The per-variable gradient statistics, in the order of the `gradients` buffer's rows."""
-
-WEIGHT_ROWS = ("weight_norm", "update_ratio")
-"""The per-variable weight statistics, in the order of the `weights` buffer's rows."""
 
 
 class _StepContext(threading.local):
@@ -64,9 +59,10 @@ def _usable_here(tensor):
     return False
 
 
-def _sync_on_read(value):
+def _sync_on_read(spec):
+    shape, dtype, initial = spec
     return tf.Variable(
-        value, trainable=False, name="keras_vg_buffer",
+        tf.fill(shape, tf.constant(initial, dtype)), trainable=False, name="keras_vg_buffer",
         synchronization=tf.VariableSynchronization.ON_READ,
         aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA,
         # Made during the first trace for a model built by it: a variable that tf.function
@@ -123,9 +119,9 @@ class Tap:
         self.saturation_epsilon = float(saturation_epsilon)
         self.optimizer = _keras_compat.applying_optimizer(model.optimizer)
         self.steps_per_execution = int(getattr(model, "steps_per_execution", 1) or 1)
-        self.dead_layers, self.saturation_layers = self._find_activation_layers()
+        self.dead_layers, self.saturation_layers = activation_layers(model, self.stats_to_record)
         self.variables = None
-        self.variable_names = []
+        self.records = None
         self.buffers = None
         self.trace_count = 0
         self.applied = False
@@ -135,29 +131,8 @@ class Tap:
         self._step_context = _StepContext()
         self._unreadable = set()
         self._undo = []
-        self._read_count = 0
-        self._warned_lost = False
 
     # Set-up -----------------------------------------------------------------
-
-    def _find_activation_layers(self):
-        dead, saturation = [], []
-        for layer in walk_layers(self.model):
-            gate = dead_unit_gate(layer)
-            kind = saturation_kind(layer)
-            if gate is not None and "dead_fraction" in self.stats_to_record:
-                dead.append((layer, gate))
-            elif kind is not None and "saturation_fraction" in self.stats_to_record:
-                saturation.append((layer, kind))
-        return dead, saturation
-
-    @property
-    def dead_layer_names(self):
-        return [layer.name for layer, _ in self.dead_layers]
-
-    @property
-    def saturation_layer_names(self):
-        return [layer.name for layer, _ in self.saturation_layers]
 
     def install(self):
         """Wraps the optimizer and the activation layers; under a strategy, makes the buffers.
@@ -229,33 +204,19 @@ class Tap:
     def _set_up(self, variables):
         """Makes the buffers for these variables (the first trace, or at install under a strategy)."""
         self.variables = list(variables)
-        self.variable_names = [v.path for v in self.variables]
         self._index = {}
         for i, variable in enumerate(self.variables):
             self._index[id(variable)] = i
             self._index[id(backend_value(variable))] = i
-        capacity, n = self.capacity, len(self.variables)
-        wanted = set(self.stats_to_record)
-        self.gradient_rows = tuple(s for s in GRADIENT_ROWS if s in wanted)
-        self.records_weights = bool(wanted & set(fmt.WEIGHT_STATS))
-        layers = len(self.dead_layers) + len(self.saturation_layers)
-        buffers = {"steps": _sync_on_read(tf.fill([capacity], tf.constant(-1, tf.int64))),
-                   "count": _sync_on_read(tf.zeros([], tf.int64))}
-        if self.gradient_rows:
-            buffers["gradients"] = _sync_on_read(tf.zeros([capacity, len(self.gradient_rows), n]))
-        if "global_grad_norm" in wanted:
-            buffers["global_grad_norm"] = _sync_on_read(tf.zeros([capacity]))
-        if self.records_weights:
-            buffers["weights"] = _sync_on_read(tf.zeros([capacity, len(WEIGHT_ROWS), n]))
+        self._loss_tracker = loss_tracker(self.model)
+        self.records = RecordBuffers(self.stats_to_record, [v.path for v in self.variables],
+                                     [layer.name for layer, _ in self.dead_layers],
+                                     [layer.name for layer, _ in self.saturation_layers],
+                                     self.capacity, with_loss=self._loss_tracker is not None)
+        if self.records.records_weights:
             self._update_meter = UpdateMeter(self.optimizer, self.variables, self._position,
                                              distributed=self._replicas > 1)
-        if layers:
-            buffers["layers"] = _sync_on_read(tf.zeros([capacity, layers]))
-        self._loss_tracker = loss_tracker(self.model)
-        if self._loss_tracker is not None:
-            # Whether the loss stayed finite so far this epoch: what tells a NaN step between records.
-            buffers["loss_finite"] = _sync_on_read(tf.ones([capacity]))
-        self.buffers = buffers
+        self.buffers = {key: _sync_on_read(spec) for key, spec in self.records.specs().items()}
 
     def _set_up_in_trace(self, variables):
         with self._set_up_lock:
@@ -368,10 +329,10 @@ class Tap:
         sums = stats.squared_norms(tensors)
         nonfinite = stats.nonfinite_counts(tensors, sums)
         norms, max_abs = stats.norms_and_max_abs(tensors, sums, nonfinite)
-        if self.gradient_rows:
+        if self.records.gradient_rows:
             measured = {"grad_norm": norms, "grad_max_abs": max_abs, "grad_nonfinite": nonfinite}
             # A variable without a gradient reads 0: nothing flows into it.
-            rows = tf.stack([tf.scatter_nd(positions, measured[name], [n]) for name in self.gradient_rows])
+            rows = tf.stack([tf.scatter_nd(positions, measured[name], [n]) for name in self.records.gradient_rows])
             _write_row(self.buffers["gradients"], rows, slot, is_record)
         if "global_grad_norm" in self.buffers:
             _write_row(self.buffers["global_grad_norm"], stats.global_norm(norms), slot, is_record)
@@ -409,13 +370,13 @@ class Tap:
                 layer_row = self._layer_row(*self._take_activations()) if "layers" in self.buffers else None
                 if self._gradients_in_apply:
                     self._observe_local_gradients(grads, variables)
-            if self.records_weights:
+            if self.records.records_weights:
                 updated = [v for g, v in zip(grads, variables) if g is not None]
                 measure = self._update_meter.around(updated, lambda: original(grads, trainable_variables))
             else:
                 original(grads, trainable_variables)
             with tf.name_scope("keras_vg"):
-                if self.records_weights:
+                if self.records.records_weights:
                     self._write_update(measure(), slot, is_record)
                 if layer_row is not None:
                     _write_row(self.buffers["layers"], layer_row, slot, is_record)
@@ -446,56 +407,16 @@ class Tap:
     # Host side -----------------------------------------------------------------
 
     def read_new(self):
-        """Reads the buffers once and returns the records not read before.
-
-        Returns:
-            A list of `(step, values)` in the order they were recorded,
-            `values` a dict from statistic name to a numpy vector (a float
-            for `global_grad_norm`). Steps are the optimizer's `iterations`.
-        """
+        """Reads the buffers once and returns the records not read before (`RecordBuffers.read`)."""
         if self.buffers is None:
             return []
         # Plain reads, not a tf.function: once per batch of records, and a SyncOnRead
         # variable read from the host is aggregated over replicas as it should be.
-        arrays = {key: variable.numpy() for key, variable in self.buffers.items()}
-        count = int(arrays["count"])
-        first = max(self._read_count, count - self.capacity)
-        if first > self._read_count and not self._warned_lost:
-            self._warned_lost = True
-            warnings.warn(f"GradientMonitor lost {first - self._read_count} records that were overwritten "
-                          "before they were read.", stacklevel=2)
-        self._read_count = count
-        return [self._record(arrays, index % self.capacity) for index in range(first, count)]
-
-    def _record(self, arrays, row):
-        values = {}
-        for i, name in enumerate(self.gradient_rows):
-            values[name] = arrays["gradients"][row, i]
-        if "global_grad_norm" in arrays:
-            values["global_grad_norm"] = float(arrays["global_grad_norm"][row])
-        for i, name in enumerate(WEIGHT_ROWS):
-            if name in self.stats_to_record:
-                values[name] = arrays["weights"][row, i]
-        if "loss_finite" in arrays:
-            values["loss_finite"] = float(arrays["loss_finite"][row])
-        if "layers" in arrays:
-            layer_values = arrays["layers"][row]
-            if self.dead_layers:
-                values["dead_fraction"] = layer_values[:len(self.dead_layers)]
-            if self.saturation_layers:
-                values["saturation_fraction"] = layer_values[len(self.dead_layers):]
-        return int(arrays["steps"][row]), values
+        return self.records.read({key: variable.numpy() for key, variable in self.buffers.items()})
 
     def names_for(self, name):
         """Returns the names a statistic's vector runs along (variable paths or layer names)."""
-        axis = fmt.axis_of(name)
-        if axis == fmt.AXIS_VARIABLE:
-            return self.variable_names
-        if name == "dead_fraction":
-            return self.dead_layer_names
-        if name == "saturation_fraction":
-            return self.saturation_layer_names
-        return None
+        return self.records.names_for(name)
 
     def is_model(self, model):
         """Whether this tap records `model` with its current optimizer."""
