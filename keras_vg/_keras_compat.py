@@ -22,6 +22,7 @@ import contextlib
 import warnings
 
 import keras
+import numpy as np
 
 TESTED_KERAS_VERSIONS = ("3.15",)
 """`major.minor` of the Keras releases whose private APIs were checked."""
@@ -427,3 +428,63 @@ def attach_saved_state(model, name, saveable):
             and `load_own_variables`.
     """
     object.__setattr__(model, name, saveable)
+
+
+# Keras's JAX backend (keras_vg.jax_tap) -----------------------------------------
+#
+# Tested with Keras 3.15.1 on JAX 0.10.2 (CPU). Private names used, and why:
+# - `Trainer._jax_state` and `_jax_state_synced`: during `fit`, Keras's JAX trainer
+#   holds the variables' values in that state and writes them back only at the end
+#   of an epoch; what the monitor reads in between (its records, the optimizer's
+#   step count, the loss tracker) is read from there.
+# - `Layer._metrics`: the list a model's metrics are tracked in, to replace the
+#   records metric of an earlier compile rather than keep both.
+
+
+def attach_metric(model, name, metric):
+    """Attaches a metric to a built model, whose variables Keras then threads through each step.
+
+    A metric attached earlier under the same name is replaced.
+
+    Args:
+        model: A Keras model.
+        name: The attribute name.
+        metric: A `keras.metrics.Metric`.
+
+    Returns:
+        The metric.
+    """
+    previous = getattr(model, name, None)
+    if previous is not None and previous in model._metrics:
+        model._metrics.remove(previous)
+    setattr(model, name, metric)  # Keras's attribute tracking adds it to model.metrics
+    return metric
+
+
+def read_variable(model, variable):
+    """The current value of a model's, its optimizer's or its metrics' variable, as numpy.
+
+    On the JAX backend during `fit`, the value is the one Keras's trainer
+    holds in its state, which reaches the variable only at the end of the
+    epoch.
+
+    Args:
+        model: The Keras model being trained.
+        variable: One of its, its optimizer's or its metrics' variables.
+
+    Returns:
+        A numpy array.
+    """
+    state = getattr(model, "_jax_state", None)
+    if state and not getattr(model, "_jax_state_synced", True):
+        groups = (("trainable_variables", model.trainable_variables),
+                  ("non_trainable_variables", model.non_trainable_variables),
+                  ("optimizer_variables", model.optimizer.variables),
+                  ("metrics_variables", model.metrics_variables))
+        for key, variables in groups:
+            values = state.get(key) or ()
+            for candidate, value in zip(variables, values):
+                if candidate is variable:
+                    return np.asarray(value)
+    return np.asarray(variable.numpy())
+

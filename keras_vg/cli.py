@@ -125,13 +125,10 @@ def main(argv=None):
         args = parser.parse_args(argv)
     except SystemExit as exit_:  # --help (0) and usage errors (2): argparse has printed why
         return exit_.code
-    # The reader's TensorBoard event loader imports TensorFlow when it is installed (seconds
-    # of start-up, log noise) only to iterate records; its pure-Python fallback reads the same
-    # files. This process never needs TensorFlow, so the CLI asks TensorBoard for the fallback.
-    if "tensorflow" not in sys.modules:
-        import types
+    # This process never needs TensorFlow: TensorBoard reads the files without it.
+    from keras_vg.reader import tensorboard_without_tensorflow
 
-        sys.modules.setdefault("tensorboard.compat.notf", types.ModuleType("tensorboard.compat.notf"))
+    tensorboard_without_tensorflow()
     try:
         {"report": _report, "plot": _plot}[args.command](args)
     except CommandError as error:

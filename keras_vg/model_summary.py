@@ -7,7 +7,7 @@ need and nothing else.
 
 import keras
 
-from keras_vg.tap import activation_name, walk_layers
+from keras_vg.layers import activation_name, walk_layers
 
 
 def _initializer_name(layer):

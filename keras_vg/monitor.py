@@ -1,5 +1,6 @@
 """`GradientMonitor`: the callback users add to `model.fit`."""
 
+import importlib
 import os
 import sys
 import time
@@ -11,6 +12,9 @@ import numpy as np
 from keras_vg import _keras_compat
 from keras_vg import format as fmt
 from keras_vg.event_writer import EventWriter
+
+TAPS = {"tensorflow": ("keras_vg.tap", "Tap"), "jax": ("keras_vg.jax_tap", "JaxTap")}
+"""The tap that records in each Keras backend's train step."""
 
 DEFAULT_EVERY = 25
 """The cadence a monitor records at unless told otherwise (see `GradientMonitor`'s `every`)."""
@@ -178,9 +182,9 @@ class GradientMonitor(keras.callbacks.Callback):
     # Work ------------------------------------------------------------------------
 
     def _begin(self):
-        if keras.backend.backend() != "tensorflow":
+        if keras.backend.backend() not in TAPS:
             self._fail_softly(
-                f"GradientMonitor records inside the TensorFlow train step; the "
+                f"GradientMonitor records inside the train step of Keras's TensorFlow and JAX backends; the "
                 f"{keras.backend.backend()!r} backend is not supported. Nothing is recorded."
             )
             return
@@ -209,7 +213,6 @@ class GradientMonitor(keras.callbacks.Callback):
         from keras_vg.detect import StreamingDetector
         from keras_vg.nonfinite_watch import NonfiniteWatch
         from keras_vg.reader import latest_records
-        from keras_vg.tap import Tap
 
         if self.tap is not None:
             self._read_and_write()  # what the previous compile recorded, under its own offset
@@ -218,7 +221,13 @@ class GradientMonitor(keras.callbacks.Callback):
         steps_per_execution = int(getattr(self.model, "steps_per_execution", 1) or 1)
         # Room for a full read batch plus the records of the execution that completes it.
         capacity = READ_BATCH_RECORDS + -(-steps_per_execution // self.every) + 1
-        self.tap = Tap(self.model, self.every, capacity, self.stats, self.saturation_epsilon)
+        if keras.backend.backend() != "tensorflow":
+            from keras_vg.reader import tensorboard_without_tensorflow
+
+            tensorboard_without_tensorflow()  # for the event files; training here needs no TensorFlow
+        module, name = TAPS[keras.backend.backend()]
+        tap_class = getattr(importlib.import_module(module), name)  # imports only the backend in use
+        self.tap = tap_class(self.model, self.every, capacity, self.stats, self.saturation_epsilon)
         self.tap.install()
         self._instrumented = self.tap.make_train_function()
         self._detector = StreamingDetector(self.thresholds)
@@ -233,7 +242,7 @@ class GradientMonitor(keras.callbacks.Callback):
         self._first_instrumented = None
 
     def _iterations(self):
-        return int(_keras_compat.applying_optimizer(self.model.optimizer).iterations.numpy())
+        return int(_keras_compat.read_variable(self.model, self.model.optimizer.iterations))
 
     def _logged(self, iterations):
         return iterations + self._offset
@@ -321,6 +330,8 @@ class GradientMonitor(keras.callbacks.Callback):
 
     def _lend_writer_to_autoclip(self):
         """Has the model's `AutoClip`, if any, write its records and events into this run."""
+        if "keras_vg.clipping" not in sys.modules:
+            return  # no AutoClip was made, and importing clipping would import TensorFlow
         from keras_vg.clipping import autoclip_for
 
         clip = autoclip_for(self.model)
@@ -391,7 +402,8 @@ class GradientMonitor(keras.callbacks.Callback):
 
     def _write_host_weight_norms(self, step):
         variables = self.model.trainable_variables
-        norms = [float(np.linalg.norm(np.asarray(v, dtype=np.float64))) for v in variables]
+        norms = [float(np.linalg.norm(_keras_compat.read_variable(self.model, v).astype(np.float64)))
+                 for v in variables]
         self._writer.write_stat("weight_norm", step, norms, [v.path for v in variables])
 
     def _fail_softly(self, message):

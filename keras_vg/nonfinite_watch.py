@@ -47,6 +47,7 @@ class NonfiniteWatch:
     """
 
     def __init__(self, model):
+        self._model = model
         self._loss = loss_tracker(model)
         optimizer = model.optimizer
         self._loss_scale = optimizer if _keras_compat.applying_optimizer(optimizer) is not optimizer else None
@@ -78,12 +79,13 @@ class NonfiniteWatch:
         events = []
         if last < first:
             return events
-        if self._loss is not None and not self._loss_reported and not np.isfinite(float(self._loss.result())):
+        if self._loss is not None and not self._loss_reported and not np.isfinite(
+                _keras_compat.read_variable(self._model, self._loss.total)):
             self._loss_reported = True
             events.append(_event(first, last, "loss", f"The loss became NaN or infinite between steps {first} and "
                                                       f"{last}."))
         if self._loss_scale is not None and not self._scale_reported:
-            scale = float(self._loss_scale.dynamic_scale.numpy())
+            scale = float(_keras_compat.read_variable(self._model, self._loss_scale.dynamic_scale))
             if scale < 1.0:
                 self._scale_reported = True
                 skipped = f", skipping {skipped_steps} steps" if skipped_steps else ""

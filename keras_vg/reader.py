@@ -11,10 +11,25 @@ Example:
 
 import glob
 import os
+import sys
+import types
 
 import numpy as np
 
 from keras_vg import format as fmt
+
+
+def tensorboard_without_tensorflow():
+    """Has TensorBoard read and write event files with its pure-Python fallback in this process.
+
+    TensorBoard imports TensorFlow, when it is installed, only to iterate and
+    build records (seconds of start-up, and beside JAX a second framework in
+    the process); its fallback reads and writes the same files. The marker
+    module `tensorboard.compat.notf` asks for it (TensorBoard 2.21). Nothing
+    changes once TensorFlow is imported.
+    """
+    if "tensorflow" not in sys.modules:
+        sys.modules.setdefault("tensorboard.compat.notf", types.ModuleType("tensorboard.compat.notf"))
 
 
 def _event_files(directory):
