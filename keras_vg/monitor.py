@@ -213,8 +213,10 @@ class GradientMonitor(keras.callbacks.Callback):
             self._install_tap(capacity)
         step = int(np.asarray(self.tap.optimizer.iterations))
         self._host_step = self._start_step = step
-        self._writer.write_json(fmt.MODEL_NAME, step, summarize_model(self.model))
+        summary = summarize_model(self.model)
+        self._writer.write_json(fmt.MODEL_NAME, step, summary)
         self._writer.flush()
+        self._detector.set_model(summary)  # the live warnings judge layers as the report does
 
     def _lend_writer_to_autoclip(self):
         """Has the model's `AutoClip`, if any, write its records and events into this run."""

@@ -119,7 +119,8 @@ def test_poor_init_tanh_net_is_diagnosed_as_vanishing_in_its_lower_layers(tanh_r
     # Layers, not variables; the input side, in model order, and never the head.
     assert finding.layers[:4] == ("hidden_0", "hidden_1", "hidden_2", "hidden_3")
     assert finding.activations[0] == "tanh" and finding.initializers[0] == "random_normal"
-    assert finding.first_step == 0 and finding.ongoing
+    # Two steps in, once the head's gradient has grown from the tiny signal: kernels decide, biases inform.
+    assert finding.first_step <= 2 and finding.ongoing
     # The measured figure and its threshold are detect's, unchanged.
     assert finding.rule == "vanishing" and finding.threshold == detect.Thresholds().vanishing_ratio
     assert finding.figure < finding.threshold
@@ -131,7 +132,8 @@ def test_poor_init_tanh_net_is_diagnosed_as_vanishing_in_its_lower_layers(tanh_r
     assert "gating" not in keys and "clipping" not in keys
     text = str(diagnosis)
     assert f"layers hidden_0..{finding.layers[-1]} (tanh, " in text
-    assert "random_normal" in text and "gradients vanish from step 0 on; first/last norm ratio" in text
+    assert "random_normal" in text and f"gradients vanish from step {finding.first_step} on; first/last norm ratio" \
+        in text
     assert "Remedies for this model: an initialiser scaled to the layer's width instead of random_normal" in text
 
 
@@ -167,14 +169,14 @@ def test_simple_rnn_exploding_gets_clipping_and_gating(tmp_path):
     names = ["m/simple_rnn/simple_rnn_cell/kernel", "m/simple_rnn/simple_rnn_cell/recurrent_kernel",
              "m/simple_rnn/simple_rnn_cell/bias", "m/dense/kernel", "m/dense/bias"]
     norms = _healthy_norms(40, 5)
-    norms[25, :3] *= 100.0  # a 100x spike in the recurrent layer only
+    norms[25, :3] *= 300.0  # a 300x spike in the recurrent layer only: extreme on one record
     model = _summary([_layer("simple_rnn", "SimpleRNN", None, "GlorotUniform", names[:3]),
                       _layer("dense", activation="softmax", init="GlorotUniform", variables=names[3:])])
     diagnosis = write_run(tmp_path, {"grad_norm": (names, norms)}, model).diagnose()
     [finding] = diagnosis.findings
     assert (finding.kind, finding.layers, finding.first_step, finding.last_step) == (
         "exploding", ("simple_rnn",), 25, 25)
-    assert finding.rule == "spike" and finding.threshold == 10.0 and 50 < finding.figure < 200
+    assert finding.rule == "spike" and finding.threshold == 10.0 and 150 < finding.figure < 600
     assert _keys(finding)[:2] == ["clipping", "gating"] and "lower_lr" in _keys(finding)
     assert "batch_norm" not in _keys(finding)  # not the advice for a recurrent layer
     assert "layer simple_rnn (glorot_uniform): gradients explode at step 25." in finding.message
@@ -199,7 +201,9 @@ def test_dead_relu_layer(tmp_path):
     assert finding.figure == pytest.approx(0.8) and finding.threshold == 0.5
     assert _keys(finding) == ["lower_lr", "leaky", "batch_norm"]  # He init is there already
     assert "a lower learning rate for Adam" in finding.message
-    assert "from step 10 on" in finding.message and "80% of units never fired (threshold 50%)" in finding.message
+    assert "from step 10 on" in finding.message
+    assert "80% of units passed no gradient for a whole batch (threshold 50%)" in finding.message
+    assert "ReLU units are dead: they output 0 for every sample of a batch, so no gradient flows" in finding.message
     # A leaky activation is not told to become leaky; a non-He init is told to use He.
     leaky = _summary([_layer("dense", activation="leaky_relu", init="GlorotUniform")])
     assert [r.key for r in remedies_for("dead", ["dense"], leaky)] == ["lower_lr", "he_init", "batch_norm"]
@@ -244,7 +248,7 @@ def test_without_model_summary_the_remedies_are_generic(tmp_path):
     norms[:, :2] *= 1e-6
     diagnosis = write_run(tmp_path, {"grad_norm": (names, norms)}).diagnose()
     [finding] = diagnosis.findings
-    assert finding.layers == ("dense_0", "dense_1")  # the layer is the path's parent
+    assert finding.layers == ("net/dense_0", "net/dense_1")  # the layer is the path's parent
     assert {"relu_he", "batch_norm", "residual", "gating"} <= set(_keys(finding))
     assert "no model summary" in str(diagnosis)
 
@@ -281,8 +285,8 @@ def test_layer_ranges_in_words(tmp_path):
 def test_repeated_episodes_state_their_remedies_once(tmp_path):
     names = ["m/a/kernel", "m/b/kernel"]
     norms = _healthy_norms(60, 2)
-    norms[20] *= 50.0
-    norms[45] *= 50.0
+    norms[20:22] *= 50.0  # two records each: persistent
+    norms[45:47] *= 50.0
     diagnosis = write_run(tmp_path, {"grad_norm": (names, norms)},
                           _summary([_layer("a", variables=[names[0]]), _layer("b", variables=[names[1]])])).diagnose()
     assert [f.first_step for f in diagnosis.findings] == [20, 45]
@@ -312,10 +316,10 @@ def test_clipping_remedies_by_how_autoclip_fared():
 
 
 def _clipped_run(path, update_at_spike, spike=30):
-    """A 100x spike at `spike`; AutoClip on at 30 (clipping 30-31), off at 34; `update_at_spike` applied."""
+    """A 300x spike at `spike`; AutoClip on at 30 (clipping 30-31), off at 34; `update_at_spike` applied."""
     names = ["m/a/kernel", "m/b/kernel"]
     norms = _healthy_norms(40, 2)
-    norms[spike] *= 100.0
+    norms[spike] *= 300.0  # extreme on one record
     updates = np.full((40, 2), 1e-3, np.float32)
     updates[spike] = update_at_spike
     clipped = np.zeros(40, np.float32)
@@ -336,8 +340,9 @@ def test_a_run_whose_clipping_kept_the_updates_bounded_is_not_told_to_clip(tmp_p
     [finding] = diagnosis.findings
     assert (finding.kind, finding.first_step, finding.clipped, finding.skipped) == ("exploding", 30, 1, 0)
     assert not {"clipping", "clip_earlier", "tighter_clipping"} & set(_keys(finding))
-    assert "AutoClip was on throughout; it clipped 1 and skipped 0 of the 1 recorded steps of this episode; " \
-           "the weight updates stayed bounded (update ratio at most 0.01)." in finding.message
+    assert ("AutoClip was on throughout the 1 recorded step of this episode; it clipped 1 step, and 0 steps were "
+            "skipped by AutoClip (not applied); the weight updates stayed bounded (update ratio at most 0.01).") \
+        in finding.message
     assert ("Clipping (keras_vg.AutoClip): on at step 30 (global norm 1.4e+02, threshold 3.5), off at step 34; "
             "clipped 2 steps, at steps 30-31; off (armed) from step 34 on.") in str(diagnosis)
 
