@@ -95,7 +95,7 @@ _RULES = (
     _Rule("update_ratio", "exploding", EXPLODING, np.fmax, "exploding_update_ratio",
           "one update changed the kernels by up to {f:.3g}x their norm (threshold {t:g})"),
     _Rule("vanishing", "vanishing", VANISHING, np.fmin, "vanishing_ratio",
-          "gradient norm down to {f:.2g} of the largest layer's at the same step (threshold {t:g})"),
+          "gradient norm down to {f:.2g} of the largest among the layers above (threshold {t:g})"),
     _Rule("dead", "dead", DEAD, np.fmax, "dead_fraction",
           "up to {f:.0%} of units passed no gradient for a whole batch (threshold {t:.0%})"),
     _Rule("saturated", "saturated", SATURATED, np.fmax, "saturation_fraction",
@@ -159,7 +159,7 @@ class Thresholds:
             rule off. Defaults to `1.0`.
         dead_fraction: A layer is dead where at least this fraction of its
             units passed no gradient for every sample of the record step's
-            batch. Defaults to `0.5`.
+            batch. Defaults to `0.7`.
         saturation_fraction: A hidden layer is saturated where at least
             this fraction of its activations sat at an asymptote. Defaults
             to `0.5`.
@@ -181,8 +181,9 @@ class Thresholds:
             record makes an episode. Defaults to `10`.
         structural_ratio: A bias, scale or offset whose grad norm stays
             below this fraction of its layer's kernels' at every record has
-            a zero gradient by construction (`zero_gradients`). Defaults to
-            `1e-5`.
+            a zero gradient by construction (`zero_gradients`), where the
+            model summary does not know the layer's graph. Defaults to
+            `1e-4`.
 
     Example:
 
@@ -196,14 +197,14 @@ class Thresholds:
     min_history: int = 5
     exploding_norm: float | None = 1e3
     exploding_update_ratio: float | None = 1.0
-    dead_fraction: float = 0.5
+    dead_fraction: float = 0.7
     saturation_fraction: float = 0.5
     stalled_ratio: float | None = 1e-2
     resolution_ratio: float | None = 2.0**-23
     merge_gap: int = 5
     min_records: int = 2
     extreme_factor: float = 10.0
-    structural_ratio: float = 1e-5
+    structural_ratio: float = 1e-4
 
     def __post_init__(self):
         _check(self, "vanishing_ratio", lambda v: 0 < v < 1, "in (0, 1)")
@@ -298,9 +299,10 @@ class Structure:
         self.names = tuple(names)
         model = model if isinstance(model, dict) else {}
         layer_of, role_of = {}, {}
-        self.activations = {}
+        self.activations, self._inbound = {}, {}
         for entry in model.get("layers", []):
             self.activations[entry.get("name")] = entry.get("activation")
+            self._inbound[entry.get("name")] = entry.get("inbound")
             roles = entry.get("roles") or [None] * len(entry.get("variables", []))
             for path, role in zip(entry.get("variables", []), roles):
                 layer_of[path], role_of[path] = entry.get("name"), role
@@ -370,6 +372,10 @@ class Structure:
         may_die = np.array([self.activations.get(n) not in NEVER_DEAD for n in layer_names], bool)
         may_saturate = np.array([n not in self.outputs for n in layer_names], bool)
         return may_die, may_saturate
+
+    def graph_known(self, layer):
+        """Whether the summary read this layer's place in the model's graph (its `inbound` layers)."""
+        return self._inbound.get(layer) is not None
 
     def where(self, names):
         """Words for the layers of these variables: `dense_3`, or `dense ... dense_4 (5 layers)`."""
@@ -577,15 +583,11 @@ def _unit_verdicts(norm, update, top, history, th):
 
         # An exploding layer must not make all the others look vanishing.
         sparse = spike | big_update
-        hot = np.union1d(np.flatnonzero(big_norm.any(axis=1)), rows[sparse])
-        exploding = big_norm[hot]
-        exploding[np.searchsorted(hot, rows[sparse]), cols[sparse]] = True
-        reference = top.copy()
-        reference[hot] = _finite_max(np.where(exploding, np.nan, norm[hot]))
-        reference = reference[:, None]
+        exploding = np.array(big_norm)
+        exploding[rows[sparse], cols[sparse]] = True
+        reference = _above(np.where(exploding | ~np.isfinite(norm), np.nan, norm))
 
-        out.put("vanishing", norm < th.vanishing_ratio * reference,
-                lambda i: norm[i] / np.broadcast_to(reference, shape)[i])
+        out.put("vanishing", norm < th.vanishing_ratio * reference, lambda i: norm[i] / reference[i])
         out.put("update_ratio", (rows[big_update], cols[big_update]), lambda i: update[i])
         out.put("grad_norm", big_norm, lambda i: norm[i])
         out.put("spike", (rows[spike], cols[spike]), value[spike] / median[spike])
@@ -611,6 +613,20 @@ def _nonfinite_verdicts(verdicts, norm, count):
 def _finite_max(x):
     """Largest finite value of each row of `x` (NaN if none)."""
     return np.fmax.reduce(np.where(np.isfinite(x), x, np.nan), axis=1)
+
+
+def _above(norm):
+    """For each cell of `[R, U]`, the largest value among the layers after it in model order (NaN if none).
+
+    Vanishing gradients shrink on their way back from the output: a layer is
+    compared with the layers between it and the output, never with those
+    below it. (Below BatchNormalization the lowest layers often have the
+    largest gradients, and that is no vanishing.)
+    """
+    out = np.full(norm.shape, np.nan, np.float32)
+    if norm.shape[1] > 1:
+        out[:, :-1] = np.fmax.accumulate(norm[:, :0:-1], axis=1)[:, ::-1]
+    return out
 
 
 def _top(norm):
@@ -981,9 +997,14 @@ def zero_gradients(stats, model=None, thresholds=None):
 
     Two sources agree here. The model summary names the variables whose
     gradient the architecture makes zero (`structural_zeros`: a bias before
-    BatchNormalization, attention's key bias). The records show them: a
-    bias, scale or offset whose grad norm stays below `structural_ratio` of
-    its layer's kernels' at every record (at least `min_records` of them).
+    BatchNormalization, attention's key bias), and the records give the
+    figure. Where the summary cannot know (no summary, or a layer whose
+    graph it could not read: a subclassed model's), the records alone show
+    them: a bias, scale or offset whose grad norm stays below
+    `structural_ratio` of its layer's kernels' at every record (at least
+    `min_records` of them). Where the graph is known and says nothing, a
+    tiny ratio is the scale of the activations (an exploding layer's huge
+    inputs), not a zero by construction.
 
     Args:
         stats: As `classify` takes them, or a `reader.Run`.
@@ -1012,7 +1033,8 @@ def zero_gradients(stats, model=None, thresholds=None):
     for j, name in enumerate(names):
         entry = structure.structural.get(name)
         measured = None if np.isnan(ratios[j]) else float(ratios[j])
-        if entry is None and (measured is None or measured >= th.structural_ratio):
+        if entry is None and (measured is None or measured >= th.structural_ratio
+                              or structure.graph_known(structure.layers[j])):
             continue
         out.append({"variable": name, "layer": structure.layers[j], "ratio": measured,
                     "reason": entry.get("reason") if entry else None, "by": entry.get("by") if entry else None})

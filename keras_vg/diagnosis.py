@@ -425,14 +425,18 @@ def _uncovered_events(run, episodes, steps):
         if any(start <= high and end >= low for start, end in recorded):
             continue
         source = str(event.get("source", "loss"))
-        text = (f"Non-finite values between records, steps {first}-{last}: the {_SOURCES.get(source, source)} "
-                f"was not finite (seen by the monitor between recorded steps).")
+        what = _SOURCES.get(source, f"the {source} was not finite")
+        text = f"Non-finite values between records, steps {first}-{last}: {what} (seen by the monitor between " \
+               f"recorded steps)."
         out.append(detect.Episode("nonfinite", "global", (source,), first, last, "nonfinite_event",
                                   float("nan"), 0.0, text))
     return out
 
 
-_SOURCES = {"loss": "loss", "loss_scale": "loss scale's gradient check", "weights": "weights"}
+# What a `nonfinite` event's source says happened.
+_SOURCES = {"loss": "the loss was not finite",
+            "loss_scale": "loss scaling found non-finite gradients and skipped those steps",
+            "weights": "the weights were not finite"}
 
 
 def _notes(zeros):

@@ -747,6 +747,16 @@ def test_a_layer_is_judged_by_its_kernels_and_its_variables_share_the_verdict():
     assert "Vanishing gradients in layer dense_0, steps 0-9" in episode.message
 
 
+def test_vanishing_compares_a_layer_with_the_layers_above_it_only():
+    # Below BatchNormalization the input side often has the largest gradients: that is no vanishing.
+    falling = np.tile(np.float32([1.0, 0.1, 1e-2, 1e-4, 1e-5]), (10, 1))
+    assert find_episodes(classify({"grad_norm": _stat(falling)})) == []
+    [episode] = find_episodes(classify({"grad_norm": _stat(falling[:, ::-1])}))
+    assert (episode.kind, episode.names) == ("vanishing", ("dense_0/kernel", "dense_1/kernel"))
+    assert episode.figure == pytest.approx(1e-5)
+    assert "down to 1e-05 of the largest among the layers above" in episode.message
+
+
 def test_a_layer_norm_is_the_root_sum_of_squares_of_its_kernels():
     names = ["lstm/cell/kernel", "lstm/cell/recurrent_kernel", "lstm/cell/bias", "dense/kernel", "dense/bias"]
     rng = np.random.default_rng(11)
@@ -813,6 +823,12 @@ def test_structural_zeros_get_no_verdict_and_are_reported_as_information():
                                                             ("m/out/bias", None)]
     assert zeros[0]["ratio"] == pytest.approx(1e-8, rel=1e-3)
     assert zeros[1]["ratio"] == pytest.approx(1e-9, rel=1e-3)
+    # Where the summary read the graph and names no reason, a tiny ratio is no zero by construction
+    # (an exploding layer's huge inputs make its bias's gradient tiny beside its kernel's).
+    for entry in model["layers"]:
+        entry["inbound"] = []
+    zeros = detect.zero_gradients({"grad_norm": _stat(norms, names)}, model=model)
+    assert [z["variable"] for z in zeros] == ["m/dense/bias"]
 
 
 def test_leaky_units_are_never_dead_and_an_output_layer_is_never_saturated():
@@ -907,9 +923,10 @@ def _brute_force_rules(norms, th):
             elif value > th.exploding_norm:
                 rules[t, j], exploding[t, j] = detect.RULE_NAMES.index("grad_norm"), True
     for t in range(T):
-        others = [norms[t, j] for j in range(N) if np.isfinite(norms[t, j]) and not exploding[t, j]]
-        reference = max(others) if others else np.nan
         for j in range(N):
+            # Vanishing: against the largest of the layers above (after it in model order).
+            above = [norms[t, k] for k in range(j + 1, N) if np.isfinite(norms[t, k]) and not exploding[t, k]]
+            reference = max(above) if above else np.nan
             if not np.isfinite(norms[t, j]):
                 rules[t, j] = detect.RULE_NAMES.index("nonfinite")
             elif not exploding[t, j] and norms[t, j] < th.vanishing_ratio * reference:
@@ -933,7 +950,7 @@ def test_rolling_statistics_match_a_brute_force_computation_on_random_sequences(
     th = Thresholds(baseline_window=window, min_history=int(rng.integers(1, window + 1)), merge_gap=0,
                     min_records=1, exploding_norm=float(rng.choice([30.0, 1e3])))
     T, N = 150, 6
-    norms = (rng.lognormal(0.0, 1.5, (T, N)) * np.geomspace(1e-4, 1.0, N)).astype(np.float32)
+    norms = (rng.lognormal(0.0, 1.5, (T, N)) * np.geomspace(1e-4, 1.0, N)[rng.permutation(N)]).astype(np.float32)
     norms[rng.random((T, N)) < 0.03] *= 1e3  # spikes
     norms[rng.random((T, N)) < 0.03] = np.nan
     norms[rng.random((T, N)) < 0.01] = np.inf

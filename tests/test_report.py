@@ -198,11 +198,11 @@ def test_dead_relu_layer(tmp_path):
     [finding] = diagnosis.findings
     assert (finding.kind, finding.scope, finding.layers) == ("dead", "layer", ("dense_1",))
     assert finding.first_step == 10 and finding.ongoing
-    assert finding.figure == pytest.approx(0.8) and finding.threshold == 0.5
+    assert finding.figure == pytest.approx(0.8) and finding.threshold == 0.7
     assert _keys(finding) == ["lower_lr", "leaky", "batch_norm"]  # He init is there already
     assert "a lower learning rate for Adam" in finding.message
     assert "from step 10 on" in finding.message
-    assert "80% of units passed no gradient for a whole batch (threshold 50%)" in finding.message
+    assert "80% of units passed no gradient for a whole batch (threshold 70%)" in finding.message
     assert "ReLU units are dead: they output 0 for every sample of a batch, so no gradient flows" in finding.message
     # A leaky activation is not told to become leaky; a non-He init is told to use He.
     leaky = _summary([_layer("dense", activation="leaky_relu", init="GlorotUniform")])
@@ -375,3 +375,91 @@ def test_first_last_ratio_uses_the_first_and_last_kernels():
     assert first_last_ratio((steps, names, values), first_step=1) == pytest.approx(1e-4)
     assert first_last_ratio(None) is None
     assert first_last_ratio((steps, ["m/a/kernel"], values[:, :1])) is None
+
+
+# ---------------------------------------------------------------------------
+# Non-finite steps between records (the monitor's `nonfinite` events, format 1.2)
+
+
+def _run_with_events(path, count_at=(), events=()):
+    """`grad_norm` and `grad_nonfinite` recorded every 10 steps (0..90), events written as the monitor does."""
+    names = ["m/dense/kernel", "m/dense_1/kernel"]
+    writer = EventWriter(path)
+    writer.write_json(fmt.MODEL_NAME, 0, _summary([_layer("dense", variables=names[:1]),
+                                                   _layer("dense_1", variables=names[1:])]))
+    for step in range(0, 100, 10):
+        count = [3.0, 0.0] if step in count_at else [0.0, 0.0]
+        writer.write_record(step, {"grad_norm": ([1.0, 1.0], names), "grad_nonfinite": (count, names)})
+    for event in events:
+        writer.write_json(fmt.EVENTS_NAME, event["step"], [event])
+    writer.close()
+    return read_run(path)
+
+
+def _nonfinite_event(first, last, source="loss"):
+    return {"kind": "nonfinite", "step": first, "last_step": last, "source": source,
+            "message": f"non-finite {source} at steps {first}-{last}"}
+
+
+def test_nonfinite_steps_between_records_are_a_finding(tmp_path):
+    run = _run_with_events(tmp_path / "between", events=[_nonfinite_event(21, 27)])
+    [finding] = run.diagnose().findings
+    assert (finding.kind, finding.scope, finding.first_step, finding.last_step) == ("nonfinite", "global", 21, 27)
+    assert finding.rule == "nonfinite_event" and finding.episode.names == ("loss",)
+    assert finding.message.startswith("Non-finite values between records, steps 21-27: the loss was not finite")
+    assert _keys(finding) == ["clipping", "lower_lr", "check_data"]
+    assert not run.diagnose().healthy
+
+
+def test_a_recorded_episode_covers_the_events_next_to_it(tmp_path):
+    # Non-finite at the records of steps 30 and 40; the stretch 31-39 between them is the same episode,
+    # and so is 21-29, which runs into the record at step 30. Steps 61-65 are apart: a finding of their own.
+    events = [_nonfinite_event(21, 29), _nonfinite_event(31, 39), _nonfinite_event(61, 65, "weights")]
+    findings = _run_with_events(tmp_path / "covered", count_at=(30, 40), events=events).diagnose().findings
+    assert [(f.kind, f.scope, f.first_step, f.last_step) for f in findings] == [
+        ("nonfinite", "variable", 30, 40), ("nonfinite", "global", 61, 65)]
+    assert "the weights was not finite" not in findings[1].message and "the weights were not finite" \
+        in findings[1].message
+
+
+# ---------------------------------------------------------------------------
+# Notes: gradients that are zero by construction
+
+
+def test_a_bias_before_batch_norm_is_a_note_not_a_finding(tmp_path):
+    names = ["m/dense/kernel", "m/dense/bias", "m/bn/gamma", "m/bn/beta", "m/out/kernel", "m/out/bias"]
+    model = _summary([_layer("dense", variables=names[:2]), _layer("bn", "BatchNormalization", None, None, names[2:4]),
+                      _layer("out", activation="softmax", variables=names[4:])], has_batch_norm=True)
+    model["structural_zeros"] = [{"variable": "m/dense/bias", "layer": "dense", "reason": "batch_norm_follows",
+                                  "by": "bn"}]
+    norms = _healthy_norms(20, 6)
+    norms[:, 1] = 3e-8
+    diagnosis = write_run(tmp_path, {"grad_norm": (names, norms)}, model).diagnose()
+    assert diagnosis.healthy and not diagnosis.findings
+    [note] = diagnosis.notes
+    assert (note.kind, note.reason, note.variables, note.layers) == (
+        "zero_gradient", "batch_norm_follows", ("m/dense/bias",), ("dense",))
+    assert note.ratio == pytest.approx(float(np.max(norms[:, 1] / norms[:, 0])), rel=1e-5)
+    text = str(diagnosis)
+    assert "No findings" in text and "Notes (information, not problems):" in text
+    assert "use_bias=False on dense saves the parameters" in text
+
+
+@pytest.mark.parametrize("activation, words", [
+    ("relu", "ReLU units are dead: they output 0 for every sample of a batch"),
+    ("relu6", "ReLU6 units pass no gradient: they sit at 0 or 6 for every sample"),
+    ("elu", "ELU units pass almost no gradient: they sit deep on their saturated negative side"),
+    ("selu", "SELU units pass almost no gradient"),
+    ("gelu", "units pass no gradient for a whole batch"),
+])
+def test_dead_units_are_worded_for_their_activation(tmp_path, activation, words):
+    dead = np.full((10, 1), 0.9, np.float32)
+    model = _summary([_layer("dense", activation=activation)])
+    [finding] = write_run(tmp_path, {"dead_fraction": (["dense"], dead)}, model).diagnose().findings
+    assert words in finding.message and "ReLU units are dead" not in finding.message.replace(words, "")
+
+
+def test_leaky_units_are_never_reported_dead(tmp_path):
+    dead = np.full((10, 2), 0.9, np.float32)  # old-style records counted leaky units at <= 0 as dead
+    model = _summary([_layer("a", activation="leaky_relu"), _layer("b", activation="prelu")])
+    assert write_run(tmp_path, {"dead_fraction": (["a", "b"], dead)}, model).diagnose().healthy
