@@ -771,6 +771,7 @@ def _facts(layer_names, summary):
         "main_class": main_class,
         "optimizer": (summary or {}).get("optimizer"),
         "negative_bias": negative_bias,
+        "optimizer_clipping": (summary or {}).get("optimizer_clipping") or {},
     }
 
 
@@ -837,7 +838,12 @@ def remedies_for(kind, layer_names, summary, clipping=None):
             add("fewer_layers", f"fewer layers{detail}")
 
     def clip():
-        if clipping in CLIPPING_REMEDIES:
+        if clipping is None and f["optimizer_clipping"]:  # the gradients recorded are before its clipping
+            settings = ", ".join(f"{k}={v:g}" for k, v in f["optimizer_clipping"].items())
+            add("tighter_clipping", f"a lower clipping threshold than the optimizer's {settings} (the gradients "
+                                    "here are before it), or keras_vg.AutoClip(), which clips relative to the "
+                                    "run's own norms")
+        elif clipping in CLIPPING_REMEDIES:
             add(*CLIPPING_REMEDIES[clipping])
 
     def lower_lr(why=""):

@@ -112,6 +112,16 @@ def _bias_constant(layer):
         return None
 
 
+def _optimizer_clipping(optimizer):
+    """The optimizer's own clipping arguments that are set, e.g. `{"global_clipnorm": 1.0}`."""
+    settings = {}
+    for name in ("clipnorm", "global_clipnorm", "clipvalue"):
+        value = getattr(optimizer, name, None)
+        if isinstance(value, (int, float)):
+            settings[name] = float(value)
+    return settings
+
+
 def summarize_model(model):
     """Describes a model's layers for the diagnosis and the detection rules.
 
@@ -129,7 +139,9 @@ def summarize_model(model):
         outputs the model returns), `structural_zeros` (variables whose
         gradient is zero by construction: dicts with `variable`, `layer`,
         `reason` (`batch_norm_follows` or `attention_key_bias`) and `by`, the
-        layer that removes it), and the flags `has_batch_norm`,
+        layer that removes it), `optimizer_clipping` (the optimizer's own
+        `clipnorm`, `global_clipnorm` or `clipvalue` where set), and the
+        flags `has_batch_norm`,
         `has_residual_add` and `recurrent` (class names).
 
     Example:
@@ -163,6 +175,7 @@ def summarize_model(model):
     return {
         "name": model.name,
         "optimizer": type(optimizer).__name__ if optimizer is not None else None,
+        "optimizer_clipping": _optimizer_clipping(optimizer),
         "layers": layers,
         "outputs": outputs,
         "structural_zeros": _structural_zeros(leaves, inbound, outputs),

@@ -463,3 +463,13 @@ def test_leaky_units_are_never_reported_dead(tmp_path):
     dead = np.full((10, 2), 0.9, np.float32)  # old-style records counted leaky units at <= 0 as dead
     model = _summary([_layer("a", activation="leaky_relu"), _layer("b", activation="prelu")])
     assert write_run(tmp_path, {"dead_fraction": (["a", "b"], dead)}, model).diagnose().healthy
+
+
+def test_an_optimizer_that_clips_already_is_told_to_clip_tighter_not_to_start():
+    summary = dict(_summary([_layer("rnn", "SimpleRNN", None, "GlorotUniform")]), recurrent=["SimpleRNN"],
+                   optimizer_clipping={"global_clipnorm": 1.0})
+    remedies = remedies_for("exploding", ["rnn"], summary)
+    assert [r.key for r in remedies][:2] == ["tighter_clipping", "gating"]
+    assert "the optimizer's global_clipnorm=1 (the gradients here are before it)" in remedies[0].text
+    # With AutoClip in the run, how it fared decides, as before.
+    assert remedies_for("exploding", ["rnn"], summary, clipping="armed")[0].key == "clip_earlier"
