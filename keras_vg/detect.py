@@ -310,6 +310,7 @@ class Structure:
                            if isinstance(z, dict)}
         self.outputs = frozenset(model.get("outputs", []) or [])
         self.layers = tuple(layer_of.get(n) or _parent(n) for n in self.names)
+        self._layer_of = dict(zip(self.names, self.layers))
         self.roles = tuple(role_of.get(n) or variable_role(n) for n in self.names)
         judged = np.array([r == "kernel" and n not in self.structural
                            for n, r in zip(self.names, self.roles)], bool)
@@ -324,10 +325,14 @@ class Structure:
         self._starts = np.flatnonzero(np.diff(np.concatenate([[-1], self.unit_of[self._kernels]])))
         self._single = len(self._kernels) == len(self.units)  # one kernel per unit: its own values
         self._members = np.flatnonzero(self.unit_of >= 0)
+        self._identity = np.array_equal(self.unit_of, np.arange(len(self.names)))
 
     def unit_norms(self, norm):
         """Each unit's grad norm `[T, U]` from the variables' `[T, N]`: root of the kernels' sum of squares."""
-        x = norm[:, self._kernels]
+        if self._identity:  # every variable is a layer's only kernel
+            return norm
+        # Row-major, as the window minima's passes over rows want it (a column gather is not).
+        x = np.take(norm, self._kernels, axis=1)
         if self._single or not x.shape[1]:
             return x
         with np.errstate(over="ignore", invalid="ignore"):
@@ -340,7 +345,9 @@ class Structure:
         An undefined ratio (NaN: the weights' norm was 0) leaves that kernel
         out. Without `weight_norm`, the largest kernel ratio stands in.
         """
-        r = update[:, self._kernels]
+        if self._identity:
+            return update
+        r = np.take(update, self._kernels, axis=1)
         if self._single or not r.shape[1]:
             return r
         defined = ~np.isnan(r)
@@ -355,7 +362,11 @@ class Structure:
 
     def broadcast(self, verdicts, shape):
         """Gives each unit's verdict `[T, U]` to its variables: `(codes, rules, figures)` `[T, N]`."""
+        if self._identity:  # every variable is a layer's only kernel: the verdicts are the variables'
+            return verdicts
         out = _empty(shape)
+        if not verdicts[1].any():
+            return out
         if len(self._members):
             units = self.unit_of[self._members]
             for target, source in zip(out, verdicts):
@@ -379,9 +390,8 @@ class Structure:
 
     def where(self, names):
         """Words for the layers of these variables: `dense_3`, or `dense ... dense_4 (5 layers)`."""
-        position = {n: i for i, n in enumerate(self.names)}
-        layers = list(dict.fromkeys(self.layers[position[n]] if n in position else _parent(n)
-                                    for n in names))
+        layer_of = self._layer_of
+        layers = list(dict.fromkeys(layer_of.get(n) or _parent(n) for n in names))
         if len(layers) == 1:
             return f"layer {layers[0]}"
         return f"layers {layers[0]} ... {layers[-1]} ({len(layers)} layers)"
@@ -515,9 +525,10 @@ class _History(NamedTuple):
     Attributes:
         previous_min: float32 `[R, U]`, the smallest grad norm among each
             cell's previous `baseline_window` records (inf or NaN if none).
-        floor: float32 `[R, U]`, the largest such window minimum up to each
-            cell: the level its gradient has held for a whole window (NaN
-            if none yet).
+        floor: `floor(rows, cols) -> [K]`, the largest such window minimum
+            up to each of those cells: the level its gradient has held for a
+            whole window (NaN if none yet). A function, like `windows`,
+            since only spike candidates need it.
         windows: `windows(rows, cols) -> (records, tops)`, the previous
             records `[K, W]` of those cells and the `top` of their steps.
     """
@@ -528,13 +539,28 @@ class _History(NamedTuple):
 
 
 def _floor(previous_min, carried=None):
-    """The running maximum of the finite window minima down the rows `[R, U]`, after `carried` `[U]`."""
-    x = np.where(np.isfinite(previous_min), previous_min, np.nan)
-    if carried is not None:
-        x = np.concatenate([carried[None], x])
+    """`_History.floor` for rows of window minima `[R, U]` that follow a running maximum `carried` `[U]`.
+
+    The running maximum is taken down the columns that hold a candidate only.
+    """
+    def floor(rows, cols):
+        columns, where = np.unique(cols, return_inverse=True)
+        x = previous_min[:, columns]
+        x = np.where(np.isfinite(x), x, np.nan)
+        if carried is not None:
+            x = np.concatenate([carried[None, columns], x])
+        with np.errstate(invalid="ignore"):
+            running = np.fmax.accumulate(x, axis=0) if x.size else x
+        return running[rows + (carried is not None), where]
+
+    return floor
+
+
+def _floor_after(previous_min, carried):
+    """The running maximum `[U]` after rows of window minima `[R, U]`, from `carried`."""
     with np.errstate(invalid="ignore"):
-        out = np.fmax.accumulate(x, axis=0) if len(x) else x
-    return out[1:] if carried is not None else out
+        last = np.fmax.reduce(np.where(np.isfinite(previous_min), previous_min, np.nan), axis=0, initial=-np.inf)
+    return np.fmax(carried, np.where(last == -np.inf, np.nan, last)).astype(np.float32)
 
 
 def _unit_verdicts(norm, update, top, history, th):
@@ -570,7 +596,7 @@ def _unit_verdicts(norm, update, top, history, th):
         # The level to beat: the recent median, but never below a level the layer held for a
         # whole window before. A converged layer whose gradient shrank 100x is not exploding
         # when one hard batch brings it back towards its old size.
-        median = np.fmax(median, np.broadcast_to(history.floor, shape)[rows, cols])
+        median = np.fmax(median, history.floor(rows, cols))
         value = norm[rows, cols]
         spike = (maybe_spike[rows, cols] & warm & (median > 0)
                  & (value > th.spike_factor * median)
@@ -581,13 +607,19 @@ def _unit_verdicts(norm, update, top, history, th):
         if th.exploding_norm is not None:
             big_norm = norm > th.exploding_norm
 
-        # An exploding layer must not make all the others look vanishing.
-        sparse = spike | big_update
-        exploding = np.array(big_norm)
-        exploding[rows[sparse], cols[sparse]] = True
-        reference = _above(np.where(exploding | ~np.isfinite(norm), np.nan, norm))
-
-        out.put("vanishing", norm < th.vanishing_ratio * reference, lambda i: norm[i] / reference[i])
+        # Only cells below `vanishing_ratio` of their step's largest can be below that of the layers
+        # above them: the reference is computed on their rows alone. An exploding layer must not make
+        # all the others look vanishing, so it is left out of the reference.
+        low = np.flatnonzero((norm < th.vanishing_ratio * top[:, None]).any(axis=1))
+        exploding = np.zeros((len(low), shape[1]), bool)
+        if th.exploding_norm is not None:
+            exploding |= norm[low] > th.exploding_norm
+        sparse = (spike | big_update) & np.isin(rows, low)
+        exploding[np.searchsorted(low, rows[sparse]), cols[sparse]] = True
+        reference = _above(np.where(exploding | ~np.isfinite(norm[low]), np.nan, norm[low]))
+        vanishing = norm[low] < th.vanishing_ratio * reference
+        r, c = _nonzero(vanishing)
+        out.put("vanishing", (low[r], c), norm[low[r], c] / reference[r, c])
         out.put("update_ratio", (rows[big_update], cols[big_update]), lambda i: update[i])
         out.put("grad_norm", big_norm, lambda i: norm[i])
         out.put("spike", (rows[spike], cols[spike]), value[spike] / median[spike])
@@ -979,8 +1011,8 @@ def classify(stats, thresholds=None, model=None):
 def _history(norm, top, window):
     """The `_History` of a whole run's grad norms `[T, U]` for `_unit_verdicts`."""
     if norm is None or not norm.shape[1]:
-        return _History(np.float32(np.inf), np.float32(np.nan), lambda rows, cols: (
-            np.full((len(rows), window), np.nan, np.float32),) * 2)
+        return _History(np.float32(np.inf), lambda rows, cols: np.full(len(rows), np.nan, np.float32),
+                        lambda rows, cols: (np.full((len(rows), window), np.nan, np.float32),) * 2)
 
     def windows(rows, cols):
         index = rows[:, None] + np.arange(-window, 0)
@@ -1132,6 +1164,7 @@ class _Open:
         self.first_step = step
         self.last_step, self.last_row = step, row
         self.names = {}  # name -> model position
+        self.seen = (None, None)  # (the names of the last rows, bool [N]: those already in `names`)
         self.counts = {}  # name -> records with a finding
         self.worst = {}  # rule id -> worst figure
         self.reported = False
@@ -1165,13 +1198,14 @@ class _Episodes:
         if not rules.any():
             return started
         gap = self.th.merge_gap + 1
+        counts = np.bincount(rules.reshape(-1), minlength=len(_RULES))
         for kind, (low, high) in _KIND_IDS.items():
+            if not counts[low:high + 1].any():
+                continue
             mask = (rules >= low) & (rules <= high)
             hit_rows = np.flatnonzero(mask.any(axis=1))
-            if not hit_rows.size:
-                continue
             mask, kinds, figs = mask[hit_rows], rules[hit_rows], figures[hit_rows]
-            extreme = self._extreme(kinds, figs).any(axis=1)
+            extreme = self._extreme(kinds, figs, low, high).any(axis=1)
             rows = first_row + hit_rows
             key = (scope, kind)
             self.where[key] = lambda found, s=scope: _where(s, found, structure)
@@ -1205,21 +1239,32 @@ class _Episodes:
         if episode is not None and episode.reported:
             self.closed.append((key, episode))
 
-    def _extreme(self, rules, figures):
-        """Which cells `[R, N]` hold an extreme finding: one record of it makes an episode."""
-        out = np.isin(rules, list(_ALWAYS_EXTREME))
-        for rule_id in _EXTREME_WHEN_LARGE:
-            threshold = getattr(self.th, _RULES[rule_id].threshold)
-            if threshold is not None:
+    def _extreme(self, rules, figures, low, high):
+        """Which cells `[R, N]` of the rules `low..high` hold an extreme finding: one record of it makes an episode."""
+        out = np.zeros(rules.shape, bool)
+        for rule_id in range(low, high + 1):
+            if rule_id in _ALWAYS_EXTREME:
+                out |= rules == rule_id
+            elif rule_id in _EXTREME_WHEN_LARGE and getattr(self.th, _RULES[rule_id].threshold) is not None:
+                limit = self.th.extreme_factor * getattr(self.th, _RULES[rule_id].threshold)
                 with np.errstate(invalid="ignore"):
-                    out |= (rules == rule_id) & (figures >= self.th.extreme_factor * threshold)
+                    out |= (rules == rule_id) & (figures >= limit)
         return out
 
     def _reported_at(self, episode, mask, extreme, names):
         """The row of a run `[R, N]` at which a candidate is reported, or None."""
-        carried = np.array([episode.counts.get(n, 0) for n in names], np.int64)
-        persists = (carried + np.cumsum(mask, axis=0) >= self.th.min_records).any(axis=1)
-        ready = np.flatnonzero(persists | extreme)
+        carried = np.zeros(len(names), np.int64)
+        if episode.counts:  # a candidate from earlier rows: few names, and the columns may have moved
+            column = {name: i for i, name in enumerate(names)} if len(episode.counts) > 1 else None
+            for name, count in episode.counts.items():
+                i = column.get(name) if column is not None else (names.index(name) if name in names else None)
+                if i is not None:
+                    carried[i] = count
+        # Only rows up to the first extreme one can be the first to report it.
+        extreme_rows = np.flatnonzero(extreme)
+        stop = int(extreme_rows[0]) + 1 if extreme_rows.size else len(mask)
+        persists = (carried + np.cumsum(mask[:stop], axis=0) >= self.th.min_records).any(axis=1)
+        ready = np.flatnonzero(persists | extreme[:stop])
         return int(ready[0]) if ready.size else None
 
     def _grow(self, episode, run, mask, kinds, figures, rows, steps, names, low, high):
@@ -1228,10 +1273,17 @@ class _Episodes:
             return
         cells, kinds, figures = mask[run], kinds[run], figures[run]
         hits = cells.sum(axis=0)
-        for column in np.flatnonzero(hits):
-            name = names[column]
-            episode.names.setdefault(name, int(column))
-            episode.counts[name] = episode.counts.get(name, 0) + int(hits[column])
+        known, seen = episode.seen
+        if known is not names and known != names:
+            seen = np.array([name in episode.names for name in names], bool)
+        # A long episode over many layers meets the same names at every batch: look only at new ones.
+        for column in np.flatnonzero((hits > 0) & ~seen):
+            episode.names.setdefault(names[column], int(column))
+        seen = seen | (hits > 0)
+        episode.seen = (names, seen)
+        if not episode.reported:  # counts decide whether a candidate persists; after that, nothing
+            for column in np.flatnonzero(hits):
+                episode.counts[names[column]] = episode.counts.get(names[column], 0) + int(hits[column])
         for rule_id in range(low, high + 1):
             fired = kinds == rule_id
             if fired.any():
@@ -1338,7 +1390,7 @@ class StreamingDetector:
         self._slot = 0
         self._rows = {scope: -1 for scope in SCOPES}
         self._episodes = _Episodes(self.thresholds)
-        self._structures = {}  # id(model) -> (names, Structure)
+        self._structures = {}  # variable names -> Structure, under the current model summary
 
     def observe(self, step, values, names):
         """Judges one recorded step.
@@ -1474,10 +1526,12 @@ class StreamingDetector:
 
     def _structure(self, names):
         """The `Structure` of these variables under the current model summary, kept while they stay."""
-        key = (tuple(names), id(self.model))
-        if self._structures.get(key[1], (None,))[0] != key[0]:
-            self._structures[key[1]] = (key[0], Structure(names, self.model))
-        return self._structures[key[1]][1]
+        names = tuple(names)
+        if names not in self._structures:
+            if len(self._structures) >= 4:  # the variables' names and the layers' (), and a model change
+                self._structures.clear()
+            self._structures[names] = Structure(names, self.model)
+        return self._structures[names]
 
     def _resize(self, units):
         """Keeps the history of layers that remain when the model changes."""
@@ -1510,11 +1564,11 @@ class StreamingDetector:
             past = _history(np.concatenate([self._history[:, order].T, kept]),
                             np.concatenate([self._tops[order], top]), window)
             previous_min = past.previous_min[window:]
-            floor = _floor(previous_min, self._floor)
-            history = _History(previous_min, floor, lambda r, c: past.windows(r + window, c))
-            self._floor = floor[-1]
+            history = _History(previous_min, _floor(previous_min, self._floor),
+                               lambda r, c: past.windows(r + window, c))
+            self._floor = _floor_after(previous_min, self._floor)
         else:  # no layer with kernels: nothing to take a minimum over
-            history = _History(kept, kept, None)
+            history = _History(kept, None, None)
         verdicts = _judge_variables(structure, rows, top, history, self.thresholds)
         last = min(T, window)
         slots = (self._slot + np.arange(T - last, T)) % window
