@@ -800,6 +800,21 @@ def test_the_update_ratio_rule_ignores_biases_and_norm_offsets():
     assert (episode.first_step, episode.last_step) == (12, 12)  # 50x the threshold: extreme
 
 
+def test_a_zero_initialised_kernel_growing_from_zero_is_not_exploding():
+    # Adam-like growth from 0: |w_k| = k * lr after k steps, each step lr: the ratio is 1/k, huge at first.
+    names = ["gate/kernel", "dense/kernel"]
+    steps = np.arange(40)
+    update = np.stack([np.where(steps == 0, np.nan, 1.0 / np.maximum(steps, 1)), np.full(40, 1e-3)], axis=1)
+    norms = np.ones((40, 2), np.float32)
+    result = classify({"grad_norm": _stat(norms, names), "update_ratio": _stat(update, names)})
+    assert find_episodes(result) == []  # judged only after min_history records, when 1/k is small
+    for every in (10, 50):  # coarser cadences see it grown already: 1/10, 1/50
+        kept = steps % every == 0
+        sub = {"grad_norm": _stat(norms[kept], names, steps[kept]),
+               "update_ratio": _stat(update[kept], names, steps[kept])}
+        assert find_episodes(classify(sub)) == []
+
+
 def _summary(layers, structural=(), outputs=()):
     return {"layers": [{"name": name, "activation": activation, "variables": [f"m/{name}/{v}" for v in variables],
                         "roles": [detect.variable_role(v) for v in variables]}

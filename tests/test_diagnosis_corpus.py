@@ -13,6 +13,7 @@ import pathlib
 
 import pytest
 
+from keras_vg import detect
 from keras_vg.reader import read_run
 
 pytestmark = pytest.mark.fit
@@ -46,3 +47,6 @@ def test_case(name, tmp_path):
     for every in (1, 10):
         verdict = corpus.judge(case, run, every)
         assert verdict["ok"], (every, verdict["kinds"], verdict["remedies"], verdict["diagnosis"].text())
+    # The monitor's live warnings (its alert events) are the report's episodes: same rules, same summary.
+    alerts = sorted(event["step"] for event in run.events() if event["kind"] == "alert")
+    assert alerts == sorted(e.first_step for e in detect.find_episodes(detect.classify(run)))
