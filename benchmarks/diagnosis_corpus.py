@@ -625,15 +625,15 @@ def _followed(summary):
     return out
 
 
-def judge(case, run, every):
-    """keras-vg's verdict on `case` at one cadence.
+def judge(case, run, every, thresholds=None):
+    """keras-vg's verdict on `case` at one cadence (with `thresholds`, or the defaults).
 
     Returns:
         A dict: `kinds` (the finding kinds), `ok` (the case's target met),
         `remedies` (of the finding of its cause), `notes` (structural zeros
         and other information) and `diagnosis`.
     """
-    diagnosis = Subsampled(run, every).diagnose()
+    diagnosis = Subsampled(run, every).diagnose(thresholds)
     kinds = sorted(diagnosis.kinds)
     notes = [note.text for note in getattr(diagnosis, "notes", ())]
     if case.cause == "healthy":
@@ -646,7 +646,7 @@ def judge(case, run, every):
             "diagnosis": diagnosis}
 
 
-def evaluate(names, log_dir, cadences=CADENCES, reuse=False, out=sys.stdout):
+def evaluate(names, log_dir, cadences=CADENCES, reuse=False, out=sys.stdout, thresholds=None):
     """Records (unless `reuse`) and judges the named cases; prints the table; returns the results."""
     from keras_vg.reader import read_run
 
@@ -666,7 +666,7 @@ def evaluate(names, log_dir, cadences=CADENCES, reuse=False, out=sys.stdout):
             os.makedirs(run_dir)
             measured = record(case, run_dir)
         run = read_run(run_dir)
-        results[name] = (case, measured, {every: judge(case, run, every) for every in cadences})
+        results[name] = (case, measured, {every: judge(case, run, every, thresholds) for every in cadences})
         print(_row(case, measured, results[name][2], cadences), file=out, flush=True)
     return results
 
@@ -756,6 +756,19 @@ def summary_lines(results, cadences):
     return lines
 
 
+def _thresholds(settings):
+    """`Thresholds` with `NAME=VALUE` fields changed, or None for the defaults."""
+    from keras_vg import detect
+
+    if not settings:
+        return None
+    fields = {}
+    for setting in settings:
+        name, _, value = setting.partition("=")
+        fields[name] = None if value == "None" else (int(value) if value.lstrip("-").isdigit() else float(value))
+    return detect.Thresholds(**fields)
+
+
 MARGIN_COLUMNS = (("vanishing", ".1e"), ("spike", ".3g"), ("norm", ".3g"), ("update", ".2g"), ("dead", ".0%"),
                   ("saturated", ".0%"), ("zero", ".0e"), ("bias", ".0e"))
 
@@ -783,9 +796,13 @@ def main(argv=None):
     parser.add_argument("--verbose", action="store_true", help="print every case's report")
     parser.add_argument("--margins", action="store_true",
                         help="also print how close each run came to each rule (the sources of the thresholds)")
+    parser.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
+                        help="judge with this keras_vg.detect.Thresholds field changed (an ablation), e.g. "
+                             "--set min_records=1")
     args = parser.parse_args(argv)
+    thresholds = _thresholds(args.set)
     print(header(args.cadences))
-    results = evaluate(args.cases, args.log_dir, tuple(args.cadences), reuse=args.reuse)
+    results = evaluate(args.cases, args.log_dir, tuple(args.cadences), reuse=args.reuse, thresholds=thresholds)
     print()
     print("\n".join(summary_lines(results, args.cadences)))
     if args.margins:

@@ -1140,7 +1140,7 @@ def measured(episode):
 
     >>> result = classify({"grad_norm": ([0, 1], ["a", "b"], [[1e-6, 1.0], [1e-6, 1.0]])})
     >>> measured(find_episodes(result)[0])
-    "gradient norm down to 1e-06 of the largest layer's at the same step (threshold 0.001)"
+    'gradient norm down to 1e-06 of the largest among the layers above (threshold 0.001)'
     """
     return _measured(_RULES[_ID[episode.rule]], episode.figure, episode.threshold)
 
@@ -1153,7 +1153,8 @@ def _where(scope, names, structure):
     return "" if tuple(names) == (SKIPPED_STAT,) else "the global gradient norm"
 
 
-def _sort_key(episode):
+def episode_order(episode):
+    """The key episodes are listed by: first step, then the most serious kind, then scope."""
     return episode.first_step, KINDS.index(episode.kind), SCOPES.index(episode.scope)
 
 
@@ -1232,7 +1233,7 @@ class _Episodes:
         """Every reported episode so far, by first step and then kind."""
         everything = [(key, ep) for key, ep in self.closed] + [
             (key, ep) for key, ep in self.open.items() if ep.reported]
-        return sorted((self._freeze(key, ep) for key, ep in everything), key=_sort_key)
+        return sorted((self._freeze(key, ep) for key, ep in everything), key=episode_order)
 
     def _close(self, key):
         episode = self.open.pop(key, None)
@@ -1483,7 +1484,7 @@ class StreamingDetector:
             started += self._episodes.add("global", self._advance("skipped", T), steps, rules, figures,
                                           (SKIPPED_STAT,))
         # In the order `observe` step by step would return them: by the step each was reported at.
-        return [episode for _, episode in sorted(started, key=lambda p: (p[0],) + _sort_key(p[1]))]
+        return [episode for _, episode in sorted(started, key=lambda p: (p[0],) + episode_order(p[1]))]
 
     def episodes(self):
         """Returns every episode reported so far, as `find_episodes` would list them."""

@@ -377,16 +377,11 @@ def diagnose(run, thresholds=None):
         last_step=int(steps[-1]) if len(steps) else None,
         first_last_ratio=first_last_ratio(norm),
         records=len(steps),
-        findings=tuple(sorted(findings, key=lambda f: detect_sort_key(f.episode))),
+        findings=tuple(sorted(findings, key=lambda f: detect.episode_order(f.episode))),
         notes=tuple(_notes(detect.zero_gradients(run, summary, classification.thresholds))),
         clipping=clipping,
         thresholds=classification.thresholds,
     )
-
-
-def detect_sort_key(episode):
-    """Findings in `detect`'s order: by first step, then the most serious kind."""
-    return episode.first_step, detect.KINDS.index(episode.kind), detect.SCOPES.index(episode.scope)
 
 
 @dataclasses.dataclass(frozen=True)
