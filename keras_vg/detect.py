@@ -22,10 +22,12 @@ Every cell (a variable or a layer at a recorded step) gets a class:
 | code | name        | when (the numbers are `Thresholds` fields)                        |
 |------|-------------|-------------------------------------------------------------------|
 | 0    | `healthy`   | none of the below                                                 |
-| 1    | `vanishing` | its layer's grad norm < `vanishing_ratio` x the step's largest     |
-| 2    | `exploding` | its layer's grad norm > `spike_factor` x the median of its previous|
-|      |             | records, or > `exploding_norm`; or its layer's kernels' update     |
-|      |             | ratio > `exploding_update_ratio`                                   |
+| 1    | `vanishing` | its layer's grad norm < `vanishing_ratio` x the largest among the |
+|      |             | layers above it (nearer the output) at the same step              |
+| 2    | `exploding` | its layer's grad norm > `spike_factor` x its usual level (the     |
+|      |             | median of its previous records, never below a level it held for a |
+|      |             | whole window), or > `exploding_norm`; or its layer's kernels'     |
+|      |             | update ratio > `exploding_update_ratio`                           |
 | 3    | `nonfinite` | NaN/inf in the variable's gradient                                |
 | 4    | `dead`      | a layer's `dead_fraction` >= `dead_fraction`                       |
 | 5    | `saturated` | a hidden layer's `saturation_fraction` >= `saturation_fraction`    |
