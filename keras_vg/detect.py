@@ -266,8 +266,8 @@ def variable_role(path, rank=None):
 
 
 def _parent(path):
-    parts = str(path).rsplit("/", 1)
-    return parts[0] if len(parts) > 1 else parts[0]
+    """A variable's layer where no summary says: its path's parent (`model/dense/kernel` -> `model/dense`)."""
+    return str(path).rsplit("/", 1)[0]
 
 
 class Structure:
@@ -393,10 +393,14 @@ class Structure:
     def where(self, names):
         """Words for the layers of these variables: `dense_3`, or `dense ... dense_4 (5 layers)`."""
         layer_of = self._layer_of
-        layers = list(dict.fromkeys(layer_of.get(n) or _parent(n) for n in names))
-        if len(layers) == 1:
-            return f"layer {layers[0]}"
-        return f"layers {layers[0]} ... {layers[-1]} ({len(layers)} layers)"
+        return _layer_words(list(dict.fromkeys(layer_of.get(n) or _parent(n) for n in names)))
+
+
+def _layer_words(layers):
+    """`layer dense_3`, or `layers dense ... dense_4 (5 layers)`."""
+    if len(layers) == 1:
+        return f"layer {layers[0]}"
+    return f"layers {layers[0]} ... {layers[-1]} ({len(layers)} layers)"
 
 
 # ---------------------------------------------------------------------------
@@ -1151,7 +1155,7 @@ def _where(scope, names, structure):
     if scope == "variable":
         return structure.where(names)
     if scope == "layer":
-        return f"layer {names[0]}" if len(names) == 1 else f"layers {names[0]} ... {names[-1]} ({len(names)} layers)"
+        return _layer_words(names)
     return "" if tuple(names) == (SKIPPED_STAT,) else "the global gradient norm"
 
 
