@@ -293,6 +293,7 @@ class GradientMonitor(keras.callbacks.Callback):
         summary["step_offset"] = self._offset
         self._writer.write_json(fmt.MODEL_NAME, self._logged(self._phase_start), summary)
         self._writer.flush()
+        self._detector.set_model(summary)  # the live warnings judge layers as the report does
 
     def _warn_if_other_model(self, summary):
         previous = self._previous_summary
@@ -367,6 +368,8 @@ class GradientMonitor(keras.callbacks.Callback):
         """
         self._pending = 0
         self._last_read = time.monotonic()
+        if self._summary_pending and self.model.trainable_variables:
+            self._write_summary()  # before the detector judges layers by it
         records = [(self._logged(step), values) for step, values in self.tap.read_new()]
         events = self._watch.check_records(records)
         if next_step is not None:

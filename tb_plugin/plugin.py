@@ -375,7 +375,10 @@ class GradientsPlugin(base_plugin.TBPlugin):
             name: self._reader.series(ctx, eid, run, name)
             for name in listing[run] if name in fmt.STAT_AXES
         }
-        key = tuple(sorted((name, series.version) for name, series in stats.items()))
+        # The model summary says which variables make a layer and which decide (keras_vg.detect.Structure).
+        models, _ = self._reader.json_records(ctx, eid, run, fmt.MODEL_NAME)
+        model = models[-1][1] if models else None
+        key = tuple(sorted((name, series.version) for name, series in stats.items())) + (len(models),)
         # One classification per run at a time: a request waits for the
         # background thread's instead of running the rules twice.
         with self._classifying.hold((eid, run)):
@@ -383,7 +386,7 @@ class GradientsPlugin(base_plugin.TBPlugin):
                 cached = self._classifications.get((eid, run))
             if cached is not None and cached[0] == key:
                 return cached[1]
-            result = _classification(stats)
+            result = _classification(stats, model)
             with self._lock:
                 self._classifications[(eid, run)] = (key, result)
                 self._classifications.move_to_end((eid, run))
@@ -412,14 +415,14 @@ class GradientsPlugin(base_plugin.TBPlugin):
         return downsample.reduce_classes(self._aligned(ctx, eid, run, series), starts, priority)
 
 
-def _classification(stats):
+def _classification(stats, model=None):
     """What `_classify` caches: the codes of `keras_vg.detect.classify` and its episodes."""
     detect = _detect()
     inputs = {
         name: (s.steps, s.names, s.values[0] if not s.names else s.values.T)
         for name, s in stats.items()
     }
-    classification = detect.classify(inputs)
+    classification = detect.classify(inputs, model=model if isinstance(model, dict) else None)
     return {
         # Only the codes are kept: the full Classification also holds float
         # figures for every cell, 5x the memory.
