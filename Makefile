@@ -13,9 +13,11 @@ $(BIN)/.installed: pyproject.toml
 	$(BIN)/pip install -q -e '.[dev]'
 	touch $@
 
-## make test: lint, the installed-wheel check, then the whole test suite (browser tests need Debian's chromium).
+## make test: lint, the installed-wheel check, then the whole test suite: on TensorFlow (browser tests need
+## Debian's chromium), then tests/jax on Keras's JAX backend (one backend per process).
 test: lint install-check
 	$(BIN)/python -m pytest -q
+	KERAS_BACKEND=jax $(BIN)/python -m pytest -q tests/jax
 
 ## make install-check: build the wheel, install it (not editable) with its dependencies into a fresh venv in a
 ## temporary directory, and use it from there: tests/install_smoke.py, fed on stdin so the checkout is not on sys.path.

@@ -441,6 +441,34 @@ def attach_saved_state(model, name, saveable):
 #   records metric of an earlier compile rather than keep both.
 
 
+TESTED_JAX_VERSIONS = ("0.10",)
+"""`major.minor` of the JAX releases the JAX tap was tested with."""
+
+_warned_jax = False
+
+
+def warn_if_jax_untested():
+    """Warns once when the installed JAX is not one `keras_vg.jax_tap` was tested with."""
+    global _warned_jax
+    import jax
+
+    if _warned_jax or any(jax.__version__ == v or jax.__version__.startswith(v + ".") for v in TESTED_JAX_VERSIONS):
+        return
+    _warned_jax = True
+    warnings.warn(f"keras-vg's JAX tap was tested with JAX {', '.join(TESTED_JAX_VERSIONS)}.x; JAX "
+                  f"{jax.__version__} is installed. It records through Keras's public stateless API, so the "
+                  "numbers should hold; if training fails, remove GradientMonitor and report it.", stacklevel=3)
+
+
+def is_primary_process():
+    """Whether this process writes the records: the only one, or JAX's process 0 of several."""
+    if keras.backend.backend() != "jax":
+        return True
+    import jax
+
+    return jax.process_index() == 0
+
+
 def attach_metric(model, name, metric):
     """Attaches a metric to a built model, whose variables Keras then threads through each step.
 

@@ -162,6 +162,7 @@ class JaxTap:
 
     def install(self):
         """Makes the buffers and wraps the optimizer, the loss computation and the activation layers."""
+        _keras_compat.warn_if_jax_untested()
         self.variables = list(self.model.trainable_variables)
         self._loss_tracker = loss_tracker(self.model)
         self.records = RecordBuffers(self.stats_to_record, [v.path for v in self.variables],
@@ -171,6 +172,9 @@ class JaxTap:
         self._metric = _keras_compat.attach_metric(self.model, "_keras_vg_records",
                                                    _RecordsMetric(self.records.specs()))
         self.buffers = self._metric.buffers
+        # Under a distribution, Keras fixes the state's shardings when it makes the train function:
+        # its own must be made again, now that the state holds the records.
+        self.model.make_train_function(force=True)
         self._wrap(self.optimizer, "stateless_apply", self._stateless_apply)
         self._wrap(self.model, "compute_loss_and_updates", self._compute_loss_and_updates)
         for index, (layer, gate) in enumerate(self.dead_layers):

@@ -139,6 +139,9 @@ class GradientMonitor(keras.callbacks.Callback):
         self._next_iterations = None  # the count at the next epoch's first batch, when known
         self._pending = 0  # records made since the last read
         self._last_read = time.monotonic()
+        # Every process runs the same steps (the functions chosen must match), but the records are
+        # the same global ones everywhere: one process reads and writes them.
+        self._primary = _keras_compat.is_primary_process()
         self._writer = EventWriter(self.log_dir, flush_secs=self.flush_secs)
         self._guard(self._begin)
         self._guard(self._lend_writer_to_autoclip)
@@ -150,7 +153,7 @@ class GradientMonitor(keras.callbacks.Callback):
             return
         if self._sync is None:
             self._guard(lambda: self._start_epoch(batch))
-        elif self.tap is not None and (self._pending >= READ_BATCH_RECORDS or (
+        elif self.tap is not None and self._primary and (self._pending >= READ_BATCH_RECORDS or (
             self._pending and time.monotonic() - self._last_read >= READ_INTERVAL_SECS
         )):
             self._guard(lambda: self._read(batch))
@@ -217,7 +220,6 @@ class GradientMonitor(keras.callbacks.Callback):
         if self.tap is not None:
             self._read_and_write()  # what the previous compile recorded, under its own offset
             self.tap.uninstall()
-        self._plain = self.model.train_function
         steps_per_execution = int(getattr(self.model, "steps_per_execution", 1) or 1)
         # Room for a full read batch plus the records of the execution that completes it.
         capacity = READ_BATCH_RECORDS + -(-steps_per_execution // self.every) + 1
@@ -229,6 +231,7 @@ class GradientMonitor(keras.callbacks.Callback):
         tap_class = getattr(importlib.import_module(module), name)  # imports only the backend in use
         self.tap = tap_class(self.model, self.every, capacity, self.stats, self.saturation_epsilon)
         self.tap.install()
+        self._plain = self.model.train_function  # Keras's own (which a tap may have had Keras rebuild)
         self._instrumented = self.tap.make_train_function()
         self._detector = StreamingDetector(self.thresholds)
         self._watch = NonfiniteWatch(self.model)
@@ -252,12 +255,12 @@ class GradientMonitor(keras.callbacks.Callback):
         self._last_batch = batch + int(getattr(self.model, "steps_per_execution", 1) or 1) - 1
         start = self._sync[1] + batch - self._sync[0]
         self._check_after_first_record()
-        if self._summary_pending and self.model.trainable_variables:
+        if self._summary_pending and self._primary and self.model.trainable_variables:
             self._write_summary()
         steps = int(getattr(self.model, "steps_per_execution", 1) or 1)
         records = (start + steps - 1) // self.every - (start - 1) // self.every
         if self.tap is None:
-            if records and self._host_weight_norms:
+            if records and self._host_weight_norms and self._primary:
                 self._write_host_weight_norms(self._logged(start))
             return
         self.model.train_function = self._instrumented if records else self._plain
@@ -326,7 +329,7 @@ class GradientMonitor(keras.callbacks.Callback):
             iterations = self._sync[1] + self._last_batch + 1 - self._sync[0]
         self._next_iterations = iterations
         self._sync = None
-        if self.tap is not None:
+        if self.tap is not None and self._primary:
             self._read_and_write(self._logged(iterations))
 
     def _lend_writer_to_autoclip(self):
