@@ -438,7 +438,9 @@ def attach_saved_state(model, name, saveable):
 #   of an epoch; what the monitor reads in between (its records, the optimizer's
 #   step count, the loss tracker) is read from there.
 # - `Layer._metrics`: the list a model's metrics are tracked in, to replace the
-#   records metric of an earlier compile rather than keep both.
+#   records metric of an earlier compile rather than keep both; `Layer._tracker`
+#   (`locked`, `lock`, `unlock`): a built subclassed model locks its tracker against
+#   new state, which the records metric is.
 
 
 TESTED_JAX_VERSIONS = ("0.10",)
@@ -485,7 +487,15 @@ def attach_metric(model, name, metric):
     previous = getattr(model, name, None)
     if previous is not None and previous in model._metrics:
         model._metrics.remove(previous)
-    setattr(model, name, metric)  # Keras's attribute tracking adds it to model.metrics
+    # A built layer's tracker is locked against new state; Keras unlocks it the same way to untrack.
+    tracker = model._tracker
+    locked = tracker.locked
+    tracker.unlock()
+    try:
+        setattr(model, name, metric)  # Keras's attribute tracking adds it to model.metrics
+    finally:
+        if locked:
+            tracker.lock()  # keeps the message it was locked with
     return metric
 
 

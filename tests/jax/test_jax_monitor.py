@@ -141,3 +141,36 @@ def test_training_and_reading_on_jax_import_no_tensorflow(tmp_path):
     result = subprocess.run([sys.executable, "-c", NO_TENSORFLOW, str(tmp_path)], capture_output=True, text=True,
                             env=env, cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))))
     assert result.returncode == 0, result.stderr[-2000:]
+
+
+def test_a_recompile_continues_the_step_axis_and_the_dashboard_serves_the_run(tmp_path):
+    import json
+
+    from tensorboard.backend import application
+    from tensorboard.backend.event_processing import data_provider, plugin_event_multiplexer
+    from tensorboard.plugins import base_plugin
+    from werkzeug import test as werkzeug_test
+
+    from tb_plugin.plugin import GradientsPlugin
+
+    model = build_mlp()
+    fit_monitored(model, tmp_path / "run", every=2)
+    model.compile(optimizer=keras.optimizers.Adam(1e-3), loss="mse")  # a new optimizer: its count restarts
+    _, run = fit_monitored(model, tmp_path / "run", every=2)
+    np.testing.assert_array_equal(run.stat("grad_norm")[0], [0, 2, 4, 6, 7, 9, 11, 13])
+    assert "Model: sequential (Dense x3)" in str(run.diagnose())  # the report reads a JAX run like any other
+
+    multiplexer = plugin_event_multiplexer.EventMultiplexer(tensor_size_guidance={"keras_vg": 0})
+    multiplexer.AddRunsFromDirectory(str(tmp_path))
+    multiplexer.Reload()
+    provider = data_provider.MultiplexerDataProvider(multiplexer, str(tmp_path))
+    plugin = GradientsPlugin(base_plugin.TBContext(logdir=str(tmp_path), data_provider=provider))
+    client = werkzeug_test.Client(application.TensorBoardWSGI([plugin], data_provider=provider))
+    try:
+        runs = json.loads(client.get("/data/plugin/keras_vg/runs").get_data(as_text=True))
+        assert "run" in json.dumps(runs)
+        response = client.get("/data/plugin/keras_vg/heatmap", query_string={"run": "run", "stat": "grad_norm"})
+        heatmap = json.loads(response.get_data(as_text=True))
+        assert response.status_code == 200 and heatmap["names"] == run.stat("grad_norm")[1]
+    finally:
+        plugin.close()
