@@ -368,3 +368,15 @@ def test_model_compiled_without_a_keras_optimizer_warns_and_trains(tmp_path):
                             callbacks=[keras_vg.GradientMonitor(tmp_path, every=1, verbose=0)])
     assert len(history.history["loss"]) == 1
     assert not os.path.exists(tmp_path) or not os.listdir(tmp_path)  # no empty event file either
+
+
+def test_a_backend_without_a_tap_gets_one_warning_and_training_goes_on(tmp_path, monkeypatch):
+    # The torch backend has no tap: seen as Keras would report it, on this process's TensorFlow model.
+    x, y = classification_data(64)
+    model = deep_mlp("relu", "he_normal", depth=1)
+    monkeypatch.setattr(keras.backend, "backend", lambda: "torch")
+    with pytest.warns(UserWarning, match="the 'torch' backend is not supported. Nothing is recorded") as caught:
+        history = model.fit(x, y, batch_size=16, epochs=1, verbose=0,
+                            callbacks=[keras_vg.GradientMonitor(tmp_path, every=1, verbose=0)])
+    assert len([w for w in caught if "GradientMonitor" in str(w.message)]) == 1
+    assert len(history.history["loss"]) == 1 and not os.listdir(tmp_path)

@@ -1,4 +1,7 @@
-"""keras.distribution.DataParallel on JAX: the records equal a single-device run on the same global batch."""
+"""keras.distribution on JAX: the records equal a single-device run on the same global batch.
+
+DataParallel over two devices and over two processes, and ModelParallel with sharded kernels.
+"""
 
 import os
 import socket
@@ -62,6 +65,27 @@ def test_data_parallel_over_two_devices_equals_one_device(tmp_path):
     finally:
         keras.distribution.set_distribution(None)
     assert_same_records(keras_vg.read_run(tmp_path / "two"), reference)
+
+
+def test_model_parallel_with_sharded_kernels_equals_one_device(tmp_path):
+    # Kernels and biases split over two devices along their units: XLA reduces across the shards.
+    reference = single_device_run(tmp_path / "one")
+    keras.backend.clear_session()
+    mesh = keras.distribution.DeviceMesh((1, 2), ["batch", "model"], devices=jax.devices())
+    layouts = keras.distribution.LayoutMap(mesh)
+    layouts[".*/dense(_1)?/kernel"] = (None, "model")  # the hidden layers; the output has one unit
+    layouts[".*/dense(_1)?/bias"] = ("model",)
+    try:
+        keras.distribution.set_distribution(keras.distribution.ModelParallel(layout_map=layouts,
+                                                                             batch_dim_name="batch"))
+        model = build()
+        x, y = data()
+        model.fit(x, y, batch_size=BATCH, epochs=1, shuffle=False, verbose=0,
+                  callbacks=[keras_vg.GradientMonitor(tmp_path / "sharded", every=2, verbose=0)])
+        assert "model" in str(model.layers[0].kernel.value.sharding.spec)  # really sharded
+    finally:
+        keras.distribution.set_distribution(None)
+    assert_same_records(keras_vg.read_run(tmp_path / "sharded"), reference)
 
 
 def test_data_parallel_over_two_processes_writes_the_global_records_once(tmp_path):
