@@ -13,8 +13,10 @@ traces) minus plain's: the extra trace and compile time.
 and reports its peak resident memory above plain's, as a multiple of the
 parameters' size.
 
+Keras's backend is `KERAS_BACKEND`'s (TensorFlow by default; `jax` too).
+
 Usage:
-    python -u benchmarks/overhead.py --threads 1 --rounds 12            # every model, every arm
+    python -u benchmarks/overhead.py --threads 1 --rounds 12            # every CPU model, every arm
     python -u benchmarks/overhead.py --models sgd_mlp --arms every=1 every=10
     python -u benchmarks/overhead.py --memory
 """
@@ -33,7 +35,6 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
-import tensorflow as tf  # noqa: E402
 
 import keras_vg  # noqa: E402
 from keras_vg.monitor import DEFAULT_EVERY  # noqa: E402
@@ -79,6 +80,25 @@ def small_transformer():
     return keras.Model(inputs, outputs), np.random.rand(64 * 64, 32, 64).astype("float32"), 64
 
 
+def gpu_mlp():
+    """Big enough to keep a GPU busy: 8 x 4096 ReLU, 134 M parameters (537 MB in float32), batch 1024."""
+    layers = [keras.Input((4096,))] + [keras.layers.Dense(4096, activation="relu") for _ in range(8)]
+    layers.append(keras.layers.Dense(10))
+    return keras.Sequential(layers), np.random.rand(1024 * 16, 4096).astype("float32"), 1024
+
+
+def describe_backend():
+    """The backend, its version and its devices, for the tables' headers."""
+    backend = keras.backend.backend()
+    if backend == "jax":
+        import jax
+
+        return f"JAX {jax.__version__}, devices {[d.device_kind for d in jax.devices()]}"
+    import tensorflow as tf
+
+    return f"TensorFlow {tf.__version__}, devices {[d.device_type for d in tf.config.list_physical_devices()]}"
+
+
 def wide_relu_mlp():
     """For memory: 4 x 2048 ReLU, about 55 MB of parameters."""
     layers = [keras.Input((1024,))] + [keras.layers.Dense(2048, activation="relu") for _ in range(4)]
@@ -86,7 +106,8 @@ def wide_relu_mlp():
     return keras.Sequential(layers), np.random.rand(64 * 16, 1024).astype("float32"), 64
 
 
-MODELS = {"sgd_mlp": sgd_mlp, "mlp": sigmoid_mlp, "cnn": small_cnn, "transformer": small_transformer}
+MODELS = {"sgd_mlp": sgd_mlp, "mlp": sigmoid_mlp, "cnn": small_cnn, "transformer": small_transformer,
+          "gpu_mlp": gpu_mlp}
 """Reference models: builders returning `(model, inputs, batch size)`."""
 
 
@@ -199,7 +220,7 @@ def memory_table(arm_names, repeats):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    parser.add_argument("--models", nargs="+", default=[m for m in MODELS if m != "gpu_mlp"], choices=list(MODELS))
     parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS), metavar="ARM",
                         help=f"Arms beside plain fit, from: {', '.join(ARMS)}")
     parser.add_argument("--rounds", type=int, default=12)
@@ -214,8 +235,7 @@ def main():
     if args.peak_memory_of:
         print(json.dumps(peak_memory(args.peak_memory_of, steps=40)))
         return
-    print(f"TensorFlow {tf.__version__}, Keras {keras.__version__}, devices: "
-          f"{[d.device_type for d in tf.config.list_physical_devices()]}")
+    print(f"Keras {keras.__version__} on {describe_backend()}")
     if args.memory:
         memory_table([a for a in args.arms if a != "plain (A/A)"], args.repeats)
         return

@@ -122,6 +122,7 @@ class GradientMonitor(keras.callbacks.Callback):
         self.verbose = verbose
         self.flush_secs = flush_secs
         self.tap = None
+        self._trained = None  # the model being trained (see set_model)
         self._plain = None  # Keras's own train function
         self._instrumented = None
         self._writer = None
@@ -130,6 +131,12 @@ class GradientMonitor(keras.callbacks.Callback):
         self._autoclip = None
 
     # Keras hooks ---------------------------------------------------------------
+
+    def set_model(self, model):
+        super().set_model(model)
+        # Keras's `Callback.model` writes the whole JAX training state back into the variables
+        # on every access (and has the next step gather it again): the hooks use this instead.
+        self._trained = model
 
     def on_train_begin(self, logs=None):
         self._failed = False
@@ -170,8 +177,8 @@ class GradientMonitor(keras.callbacks.Callback):
     def on_train_end(self, logs=None):
         if self._recording:
             self._guard(self._end_epoch)
-        if self._plain is not None and self.model is not None and self.model.train_function is self._instrumented:
-            self.model.train_function = self._plain  # a later fit starts from Keras's own function
+        if self._plain is not None and self._trained is not None and self._trained.train_function is self._instrumented:
+            self._trained.train_function = self._plain  # a later fit starts from Keras's own function
         if self._autoclip is not None:
             # AutoClip's own on_train_end may come after this one: take its last records first.
             self._guard(self._autoclip.write_pending)
@@ -191,7 +198,7 @@ class GradientMonitor(keras.callbacks.Callback):
                 f"{keras.backend.backend()!r} backend is not supported. Nothing is recorded."
             )
             return
-        optimizer = getattr(self.model, "optimizer", None)
+        optimizer = getattr(self._trained, "optimizer", None)
         if not isinstance(optimizer, keras.optimizers.Optimizer):
             self._fail_softly(
                 "GradientMonitor needs a Keras optimizer (model.compile(optimizer=...)). "
@@ -206,8 +213,8 @@ class GradientMonitor(keras.callbacks.Callback):
             self._next_iterations = self._iterations()
         self._sync = (batch, self._next_iterations)
         self._next_iterations = None
-        if not self._host_weight_norms and (self.tap is None or not self.tap.is_model(self.model)
-                                            or self.model.train_function not in (self._plain, self._instrumented)):
+        if not self._host_weight_norms and (self.tap is None or not self.tap.is_model(self._trained)
+                                            or self._trained.train_function not in (self._plain, self._instrumented)):
             self._start_phase()
         self._watch.start_epoch(self._logged(self._sync[1]))
 
@@ -220,7 +227,7 @@ class GradientMonitor(keras.callbacks.Callback):
         if self.tap is not None:
             self._read_and_write()  # what the previous compile recorded, under its own offset
             self.tap.uninstall()
-        steps_per_execution = int(getattr(self.model, "steps_per_execution", 1) or 1)
+        steps_per_execution = int(getattr(self._trained, "steps_per_execution", 1) or 1)
         # Room for a full read batch plus the records of the execution that completes it.
         capacity = READ_BATCH_RECORDS + -(-steps_per_execution // self.every) + 1
         if keras.backend.backend() != "tensorflow":
@@ -229,12 +236,12 @@ class GradientMonitor(keras.callbacks.Callback):
             tensorboard_without_tensorflow()  # for the event files; training here needs no TensorFlow
         module, name = TAPS[keras.backend.backend()]
         tap_class = getattr(importlib.import_module(module), name)  # imports only the backend in use
-        self.tap = tap_class(self.model, self.every, capacity, self.stats, self.saturation_epsilon)
+        self.tap = tap_class(self._trained, self.every, capacity, self.stats, self.saturation_epsilon)
         self.tap.install()
-        self._plain = self.model.train_function  # Keras's own (which a tap may have had Keras rebuild)
+        self._plain = self._trained.train_function  # Keras's own (which a tap may have had Keras rebuild)
         self._instrumented = self.tap.make_train_function()
         self._detector = StreamingDetector(self.thresholds)
-        self._watch = NonfiniteWatch(self.model)
+        self._watch = NonfiniteWatch(self._trained)
         last_step, last_summary = latest_records(self.log_dir)
         # Within one log_dir steps only go forward: an optimizer that starts again from 0
         # (a recompile) or from an older checkpoint continues after the last step recorded.
@@ -245,25 +252,27 @@ class GradientMonitor(keras.callbacks.Callback):
         self._first_instrumented = None
 
     def _iterations(self):
-        return int(_keras_compat.read_variable(self.model, self.model.optimizer.iterations))
+        return int(_keras_compat.read_variable(self._trained, self._trained.optimizer.iterations))
 
     def _logged(self, iterations):
         return iterations + self._offset
 
     def _choose_function(self, batch):
         """Runs the instrumented function for an execution that holds a record step, else Keras's own."""
-        self._last_batch = batch + int(getattr(self.model, "steps_per_execution", 1) or 1) - 1
+        self._last_batch = batch + int(getattr(self._trained, "steps_per_execution", 1) or 1) - 1
         start = self._sync[1] + batch - self._sync[0]
         self._check_after_first_record()
-        if self._summary_pending and self._primary and self.model.trainable_variables:
+        if self._summary_pending and self._primary and self._trained.trainable_variables:
             self._write_summary()
-        steps = int(getattr(self.model, "steps_per_execution", 1) or 1)
+        steps = int(getattr(self._trained, "steps_per_execution", 1) or 1)
         records = (start + steps - 1) // self.every - (start - 1) // self.every
         if self.tap is None:
             if records and self._host_weight_norms and self._primary:
                 self._write_host_weight_norms(self._logged(start))
             return
-        self.model.train_function = self._instrumented if records else self._plain
+        chosen = self._instrumented if records else self._plain
+        if self._trained.train_function is not chosen:  # Keras's attribute tracking costs a millisecond
+            self._trained.train_function = chosen
         if records and self._first_instrumented is None:
             self._first_instrumented = start
         self._pending += records
@@ -275,7 +284,7 @@ class GradientMonitor(keras.callbacks.Callback):
         self._first_instrumented = False
         if self.tap.applied:
             return
-        if not self.model.trainable_variables:
+        if not self._trained.trainable_variables:
             self._fail_softly("The model has no trainable variables; GradientMonitor records nothing.")
             return
         self._fail_softly(
@@ -291,7 +300,7 @@ class GradientMonitor(keras.callbacks.Callback):
         from keras_vg.model_summary import summarize_model
 
         self._summary_pending = False
-        summary = summarize_model(self.model)
+        summary = summarize_model(self._trained)
         self._warn_if_other_model(summary)
         summary["step_offset"] = self._offset
         self._writer.write_json(fmt.MODEL_NAME, self._logged(self._phase_start), summary)
@@ -338,7 +347,7 @@ class GradientMonitor(keras.callbacks.Callback):
             return  # no AutoClip was made, and importing clipping would import TensorFlow
         from keras_vg.clipping import autoclip_for
 
-        clip = autoclip_for(self.model)
+        clip = autoclip_for(self._trained)
         if clip is not None and clip.log_dir is None:
             clip.write_into(self._writer,
                             with_global_norm="global_grad_norm" not in self.stats or not self._recording)
@@ -353,8 +362,8 @@ class GradientMonitor(keras.callbacks.Callback):
         """
         if self.tap is not None:
             self.tap.uninstall()
-            if self.model is not None and self.model.train_function is self._instrumented:
-                self.model.train_function = self._plain
+            if self._trained is not None and self._trained.train_function is self._instrumented:
+                self._trained.train_function = self._plain
         self.tap = None
         self._plain = self._instrumented = None
         if self._writer is not None:
@@ -371,7 +380,7 @@ class GradientMonitor(keras.callbacks.Callback):
         """
         self._pending = 0
         self._last_read = time.monotonic()
-        if self._summary_pending and self.model.trainable_variables:
+        if self._summary_pending and self._trained.trainable_variables:
             self._write_summary()  # before the detector judges layers by it
         records = [(self._logged(step), values) for step, values in self.tap.read_new()]
         events = self._watch.check_records(records)
@@ -407,8 +416,8 @@ class GradientMonitor(keras.callbacks.Callback):
             print(f"keras-vg summary ({self.log_dir}):\n{summary}", file=sys.stderr)
 
     def _write_host_weight_norms(self, step):
-        variables = self.model.trainable_variables
-        norms = [float(np.linalg.norm(_keras_compat.read_variable(self.model, v).astype(np.float64)))
+        variables = self._trained.trainable_variables
+        norms = [float(np.linalg.norm(_keras_compat.read_variable(self._trained, v).astype(np.float64)))
                  for v in variables]
         self._writer.write_stat("weight_norm", step, norms, [v.path for v in variables])
 
@@ -417,8 +426,8 @@ class GradientMonitor(keras.callbacks.Callback):
         self._recording = False
         if self.tap is not None:
             self.tap.uninstall()
-            if self.model is not None and self.model.train_function is self._instrumented:
-                self.model.train_function = self._plain
+            if self._trained is not None and self._trained.train_function is self._instrumented:
+                self._trained.train_function = self._plain
         self.tap = None
         self._instrumented = None
 
@@ -430,8 +439,8 @@ class GradientMonitor(keras.callbacks.Callback):
             if not self._failed:
                 self._failed = True
                 self._recording = False
-                if self.model is not None and self._plain is not None:
-                    self.model.train_function = self._plain
+                if self._trained is not None and self._plain is not None:
+                    self._trained.train_function = self._plain
                 warnings.warn(
                     f"GradientMonitor stopped recording after an error: {type(error).__name__}: {error}. "
                     "Training goes on; records written so far are kept.",
