@@ -38,12 +38,15 @@ ENTRY_POINT = "keras_vg = tb_plugin.loader:GradientsPluginLoader"
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def write_demo_run(log_dir, names, steps=60, spike=(23, 2), nan=(37, 4)):
+def write_demo_run(log_dir, names, steps=60, spike=(23, 2), nan=(37, 4), layers=None, dead=None,
+                   alert=False):
     """Writes a small synthetic run with `keras_vg.event_writer.EventWriter`.
 
     Gradient norms grow from 1e-6 (input side, vanishing) to 1 (output side);
     one variable spikes to 1e4 at one step and one is NaN at one step;
     clipping turns on at step 10, off at 20, and step `nan[0]` is skipped.
+    Weight norms differ per variable and update ratios per variable and
+    step, so that combining them per layer is not trivial.
 
     Args:
         log_dir: The run directory.
@@ -51,6 +54,16 @@ def write_demo_run(log_dir, names, steps=60, spike=(23, 2), nan=(37, 4)):
         steps: Recorded steps `0 .. steps-1`. Defaults to `60`.
         spike: `(step, variable index)` of the spike. Defaults to `(23, 2)`.
         nan: `(step, variable index)` of the NaN. Defaults to `(37, 4)`.
+        layers: The layer of each variable, or None. When given, a model
+            summary names each layer's variables (as `GradientMonitor`
+            writes it) and each layer records a `dead_fraction` of 0.05.
+            Defaults to `None`.
+        dead: `(layer index, first step)`: that layer's dead fraction is
+            0.95 from that step on (a dead region), or None. Needs
+            `layers`. Defaults to `None`.
+        alert: Whether to record an `alert` event at the spike, as the
+            monitor does for what it finds while training. Defaults to
+            `False`.
     """
     import numpy as np
 
@@ -59,6 +72,13 @@ def write_demo_run(log_dir, names, steps=60, spike=(23, 2), nan=(37, 4)):
 
     writer = EventWriter(log_dir)
     rng = np.random.default_rng(0)
+    layer_names = list(dict.fromkeys(layers)) if layers is not None else []
+    if layers is not None:
+        writer.write_json(fmt.MODEL_NAME, 0, {"name": "demo", "layers": [
+            {"name": layer, "class": "Dense", "activation": "relu", "kernel_initializer": "GlorotUniform",
+             "variables": [n for n, owner in zip(names, layers) if owner == layer]}
+            for layer in layer_names]})
+    weight_norm = np.linspace(0.5, 3.0, len(names))
     for step in range(steps):
         grad = np.logspace(-6, 0, len(names)) * (1 + 0.1 * rng.random(len(names)))
         if step == spike[0]:
@@ -66,13 +86,21 @@ def write_demo_run(log_dir, names, steps=60, spike=(23, 2), nan=(37, 4)):
         if step == nan[0]:
             grad[nan[1]] = np.nan
         writer.write_stat("grad_norm", step, grad, names)
-        writer.write_stat("weight_norm", step, np.full(len(names), 2.0), names)
-        ratio = np.full(len(names), 1e-3)
+        writer.write_stat("weight_norm", step, weight_norm, names)
+        ratio = 1e-3 * (1 + rng.random(len(names)))
         if step == 0:
             ratio[1] = np.nan  # zero-initialised weights: undefined, not broken
         writer.write_stat("update_ratio", step, ratio, names)
         writer.write_stat("global_grad_norm", step, float(np.nansum(grad)))
-    for step, kind in ((10, "clip_on"), (20, "clip_off"), (nan[0], "skip")):
+        if layers is not None:
+            fraction = np.full(len(layer_names), 0.05)
+            if dead is not None and step >= dead[1]:
+                fraction[dead[0]] = 0.95
+            writer.write_stat("dead_fraction", step, fraction, layer_names)
+    events = [(10, "clip_on"), (20, "clip_off"), (nan[0], "skip")]
+    if alert:
+        events.append((spike[0], "alert"))
+    for step, kind in events:
         if step < steps:
             writer.write_json(fmt.EVENTS_NAME, step, [{"kind": kind, "step": step, "message": kind}])
     writer.close()
