@@ -26,7 +26,7 @@ import numpy as np
 from keras_vg import detect, heatmap_marks, layer_stats
 from keras_vg import format as fmt
 
-FRACTION_STATS = ("dead_fraction", "saturation_fraction")
+FRACTION_STATS = fmt.ACTIVATION_STATS  # fractions in [0, 1]: a linear colour scale
 NON_FINITE_COLOUR = "magenta"
 UNDEFINED_COLOUR = "0.8"  # grey: an undefined update ratio, or no record
 

@@ -258,7 +258,8 @@ class GradientsPlugin(base_plugin.TBPlugin):
             shape, see `downsample.encode_regions`), `regions` (class names
             by code), `precedence` (codes, most serious first), `marked`
             (the codes this statistic's cells can have, most serious first),
-            `marks` (class name -> pattern), `downsampled`, `reduction`,
+            `marks` (class name -> pattern), `scale` (`"log"`, or
+            `"linear"` for the fractions), `downsampled`, `reduction`,
             `num_steps` and `retention`.
         """
         _check_heatmap_stat(stat)
@@ -285,6 +286,7 @@ class GradientsPlugin(base_plugin.TBPlugin):
             "row_variables": _row_variables(series),
             "rows": "variable" if fmt.axis_of(stat) == fmt.AXIS_VARIABLE and by == "variable" else "layer",
             "run": run,
+            "scale": "linear" if stat in fmt.ACTIVATION_STATS else "log",
             "stat": stat,
             "step_end": _bucket_ends(series.steps, starts).tolist(),
             "step_start": series.steps[starts].tolist() if steps else [],

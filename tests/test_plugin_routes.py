@@ -186,7 +186,7 @@ def test_layer_rows_equal_the_readers_per_layer_values(client, logdir, stat):
     assert body["names"] == names == LAYERS and body["step_start"] == steps.tolist()
     assert body["row_variables"] == [LAYER_NAMES[2 * i:2 * i + 2] for i in range(len(LAYERS))]
     np.testing.assert_allclose(heatmap_values(body), values.T, rtol=LOG16_RTOL, equal_nan=True)
-    assert body["nan_is_absent"] is (stat == "update_ratio")
+    assert body["nan_is_absent"] is (stat == "update_ratio") and body["scale"] == "log"
 
 
 def test_a_layers_class_is_the_most_serious_of_its_variables(client, logdir):
@@ -216,7 +216,7 @@ def test_a_dead_region_is_marked_on_the_layers_it_covers(client, logdir):
     dead = np.zeros_like(classes)
     dead[DEAD[0], DEAD[1]:] = detect.DEAD
     np.testing.assert_array_equal(classes, dead)
-    assert body["nan_is_absent"] is True
+    assert body["nan_is_absent"] is True and body["scale"] == "linear"
     assert [body["regions"][code] for code in body["marked"]] == ["dead", "saturated"]
     assert {body["regions"][code]: body["marks"][body["regions"][code]] for code in body["marked"]} == {
         "dead": "vertical", "saturated": "antidiagonal"}
