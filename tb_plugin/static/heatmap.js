@@ -8,6 +8,7 @@
 // value" all come from the server's answer (keras_vg.heatmap_marks): this
 // module knows how to draw a pattern, not which class it stands for.
 
+import {sizeCanvas} from './canvas.js';
 import {readCode} from './model.js';
 
 export const BACKGROUND = [255, 255, 255];
@@ -164,12 +165,7 @@ export function drawHeatmap(canvas, heatmap, selection = {}) {
   const width = canvas.parentElement.clientWidth;
   const geometry = layout(width, heatmap.rows);
   const dpr = window.devicePixelRatio || 1;
-  canvas.style.width = `${width}px`;
-  canvas.style.height = `${geometry.height}px`;
-  canvas.width = Math.round(width * dpr);
-  canvas.height = Math.round(geometry.height * dpr);
-  const ctx = canvas.getContext('2d');
-  ctx.setTransform(dpr, 0, 0, dpr, 0, 0);
+  const ctx = sizeCanvas(canvas, width, geometry.height);
   ctx.fillStyle = `rgb(${BACKGROUND.join(',')})`;
   ctx.fillRect(0, 0, width, geometry.height);
   const range = colourRange(heatmap);
@@ -356,14 +352,7 @@ export function cellAt(geometry, heatmap, x, y) {
  */
 export function drawScale(canvas, range) {
   const width = 160;
-  const height = 30;
-  const dpr = window.devicePixelRatio || 1;
-  canvas.style.width = `${width}px`;
-  canvas.style.height = `${height}px`;
-  canvas.width = Math.round(width * dpr);
-  canvas.height = Math.round(height * dpr);
-  const ctx = canvas.getContext('2d');
-  ctx.setTransform(dpr, 0, 0, dpr, 0, 0);
+  const ctx = sizeCanvas(canvas, width, 30);
   for (let i = 0; i < width; i++) {
     const [r, g, b] = LUT[Math.round((i / (width - 1)) * 255)];
     ctx.fillStyle = `rgb(${r},${g},${b})`;
@@ -387,13 +376,7 @@ export function drawScale(canvas, range) {
  */
 export function drawSwatch(canvas, pattern, colour) {
   const size = 16;
-  const dpr = window.devicePixelRatio || 1;
-  canvas.style.width = `${size}px`;
-  canvas.style.height = `${size}px`;
-  canvas.width = Math.round(size * dpr);
-  canvas.height = Math.round(size * dpr);
-  const ctx = canvas.getContext('2d');
-  ctx.setTransform(dpr, 0, 0, dpr, 0, 0);
+  const ctx = sizeCanvas(canvas, size, size);
   ctx.fillStyle = colour ? `rgb(${colour.join(',')})` : '#777';
   ctx.fillRect(0, 0, size, size);
   if (pattern) {
