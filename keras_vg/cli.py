@@ -1,4 +1,4 @@
-"""`keras-vg`: the command line. `keras-vg report LOG_DIR`, `keras-vg plot LOG_DIR -o FILE`.
+"""`keras-vg`: the command line. `keras-vg report LOG_DIR`, `keras-vg plot LOG_DIR -o FILE [--by variable]`.
 
 Errors are one line on stderr saying what to do, with a non-zero exit code and
 no traceback:
@@ -13,7 +13,8 @@ Example:
 
 ```sh
 keras-vg report logs/run1
-keras-vg plot logs/run1 -o heatmap.png
+keras-vg plot logs/run1 -o heatmap.png                  # one row per layer
+keras-vg plot logs/run1 -o variables.png --by variable  # one row per variable
 ```
 """
 

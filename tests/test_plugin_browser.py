@@ -227,7 +227,9 @@ def test_rust_data_server_serves_the_same_and_reports_its_retention(tmp_path):
             pytest.fail("tensorboard-data-server is required in CI")
         pytest.skip("no tensorboard-data-server binary for this platform")
     testing.write_demo_run(tmp_path / "long", NAMES, steps=150, spike=(70, 2), nan=(90, 4))
+    testing.write_demo_run(tmp_path / "layers", LAYER_NAMES, layers=LAYER_OF, dead=DEAD, alert=True)
     steps, names, values = read_run(tmp_path / "long").stat("grad_norm")
+    _, layers, layer_values = read_run(tmp_path / "layers").stat("update_ratio", by="layer")
     with testing.plugin_environment() as (env, _):
         for hint, points in (("keras_vg=0", 150), (None, 100)):
             server = testing.start_tensorboard(tmp_path, env=env, load_fast="true", samples_per_plugin=hint)
@@ -235,8 +237,9 @@ def test_rust_data_server_serves_the_same_and_reports_its_retention(tmp_path):
                 base = url + "data/plugin/keras_vg/"
                 runs = base + "runs"
                 testing.wait_until(
-                    lambda runs=runs: [r for r in testing.get_json(runs)["runs"] if r["max_step"] == 149],
-                    what="the Rust data server to load the run",
+                    lambda runs=runs: {r["run"]: r["max_step"] for r in testing.get_json(runs)["runs"]}
+                    == {"long": 149, "layers": STEPS - 1},
+                    what="the Rust data server to load the runs",
                 )
                 body = testing.get_json(base + "heatmap?run=long&stat=grad_norm&columns=1000&by=variable")
                 assert body["num_steps"] == points
@@ -246,3 +249,10 @@ def test_rust_data_server_serves_the_same_and_reports_its_retention(tmp_path):
                     got = downsample.decode_log16(body["values"], (len(names), body["columns"]))
                     np.testing.assert_allclose(got, values.T, rtol=2e-3, equal_nan=True)
                     assert body["step_start"] == steps.tolist()
+                    # Layer rows: the model summary and the weight norms come through gRPC too.
+                    listing = testing.get_json(runs)
+                    assert listing["opening"] == "layers"
+                    layered = testing.get_json(base + "heatmap?run=layers&stat=update_ratio&columns=1000")
+                    assert layered["names"] == layers and layered["row_variables"][0] == LAYER_NAMES[:2]
+                    got = downsample.decode_log16(layered["values"], (len(layers), layered["columns"]))
+                    np.testing.assert_allclose(got, layer_values.T, rtol=2e-3, equal_nan=True)
