@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 LOGDIR ?= logs
 PORT ?= 6006
 
-.PHONY: test demo lint clean
+.PHONY: test demo lint install-check clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -13,9 +13,20 @@ $(BIN)/.installed: pyproject.toml
 	$(BIN)/pip install -q -e '.[dev]'
 	touch $@
 
-## make test: lint, then run the whole test suite (browser tests need Debian's chromium).
-test: lint
+## make test: lint, the installed-wheel check, then the whole test suite: on TensorFlow (browser tests need
+## Debian's chromium), then tests/jax on Keras's JAX backend (one backend per process).
+test: lint install-check
 	$(BIN)/python -m pytest -q
+	KERAS_BACKEND=jax $(BIN)/python -m pytest -q tests/jax
+
+## make install-check: build the wheel, install it (not editable) with its dependencies into a fresh venv in a
+## temporary directory, and use it from there: tests/install_smoke.py, fed on stdin so the checkout is not on sys.path.
+install-check: $(BIN)/.installed
+	rm -rf build/wheel && $(BIN)/pip wheel -q --no-deps -w build/wheel .
+	tmp=$$(mktemp -d) && trap 'rm -rf "$$tmp"' EXIT && \
+	$(PYTHON) -m venv "$$tmp/venv" && \
+	"$$tmp/venv/bin/pip" install -q --no-compile build/wheel/keras_vg-*.whl && \
+	cd "$$tmp" && TF_CPP_MIN_LOG_LEVEL=3 "$$tmp/venv/bin/python" - "$(CURDIR)" < "$(CURDIR)/tests/install_smoke.py"
 
 ## make demo: train the examples with the monitor (exploding_rnn also with keras_vg.AutoClip, whose
 ## clipping events the dashboard shows), print a report, then serve TensorBoard on 127.0.0.1.

@@ -12,16 +12,27 @@ variables), with rare spikes, NaN counts, update ratios, 20 layers'
 
 Targets: `observe_many` on 50 x 50 well under 5 ms, on 50 x 1000 under 20 ms.
 
+With `--against REV`, it instead times this checkout's `keras_vg/detect.py`
+against the one at git revision REV, loaded into the same process: the
+same batches go to one detector of each version, alternating which runs
+first, and each line gives both fastest times and the median of the paired
+ratios (this checkout over REV), the only comparison the shared machine's
+drift does not blur.
+
 Usage:
 
     .venv/bin/python benchmarks/detect_speed.py [--rounds 9] [--shapes 50x50,50x1000,200x1000]
+    .venv/bin/python benchmarks/detect_speed.py --against 823b567
 
 It prints one line per shape.
 """
 
 import argparse
+import importlib.util
 import os
+import subprocess
 import sys
+import tempfile
 import time
 
 import numpy as np
@@ -103,13 +114,68 @@ def bench_classify(rounds, rng):
     return best
 
 
+def detect_at(revision):
+    """`keras_vg/detect.py` as it was at a git revision, imported as a module of its own."""
+    source = subprocess.run(["git", "show", f"{revision}:keras_vg/detect.py"], capture_output=True, text=True,
+                            check=True, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__)))).stdout
+    with tempfile.NamedTemporaryFile("w", suffix=".py", delete=False) as f:
+        f.write(source)
+    spec = importlib.util.spec_from_file_location(f"detect_{revision}", f.name)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    os.unlink(f.name)
+    return module
+
+
+def paired(modules, run, rounds):
+    """`run(name, round)` for each module's name in turn, alternating the order: fastest times, paired ratio."""
+    times = {name: [] for name in modules}
+    for r in range(rounds + 1):  # round 0 warms the code paths
+        for name in list(modules) if r % 2 else list(modules)[::-1]:
+            t0 = time.perf_counter()
+            run(name, r)
+            if r:
+                times[name].append(time.perf_counter() - t0)
+    this, other = (np.array(times[name]) for name in modules)
+    return {name: min(t) for name, t in times.items()}, float(np.median(this / other))
+
+
+def against(revision, shapes, rounds, rng):
+    import keras_vg.detect as this
+
+    modules = {"this": this, revision: detect_at(revision)}
+    print(f"{'':>24}  {'this':>9}  {revision:>9}  paired ratio")
+    for shape in shapes:
+        T, n = (int(x) for x in shape.split("x"))
+        steps, values, names = make_records(rng, 40 + T * (rounds + 1), n)
+        detectors = {name: module.StreamingDetector() for name, module in modules.items()}
+        for name in modules:
+            detectors[name].observe_many(steps[:40], {s: v[:40] for s, v in values.items()}, names)
+
+        def feed(name, r, T=T, steps=steps, values=values, names=names, detectors=detectors):
+            rows = slice(40 + r * T, 40 + (r + 1) * T)
+            detectors[name].observe_many(steps[rows], {s: v[rows] for s, v in values.items()}, names)
+
+        best, ratio = paired(modules, feed, rounds)
+        print(f"{'observe_many ' + shape:>24}  {best['this'] * 1e3:6.2f} ms  {best[revision] * 1e3:6.2f} ms"
+              f"  {ratio:.2f}")
+    norms = rng.random((20000, 1000), dtype=np.float32) + 0.5
+    stats = {"grad_norm": (np.arange(20000), [f"dense_{i}/kernel" for i in range(1000)], norms)}
+    best, ratio = paired(modules, lambda name, r: modules[name].classify(stats), max(2, rounds // 2))
+    print(f"{'classify 20000 x 1000':>24}  {best['this'] * 1e3:6.0f} ms  {best[revision] * 1e3:6.0f} ms  {ratio:.2f}")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=9)
     parser.add_argument("--shapes", default="1x50,50x50,50x1000,200x1000",
                         help="comma-separated TxN batch shapes")
+    parser.add_argument("--against", metavar="REV", help="time this checkout's detect against git revision REV")
     args = parser.parse_args()
     rng = np.random.default_rng(0)
+    if args.against:
+        against(args.against, args.shapes.split(","), args.rounds, rng)
+        return
     print(f"{'batch T x N':>12}  {'observe x T':>12}  {'observe_many':>12}  {'speed-up':>8}")
     for shape in args.shapes.split(","):
         T, n = (int(x) for x in shape.split("x"))

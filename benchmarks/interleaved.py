@@ -26,8 +26,8 @@ def add_threads_option(parser):
 
 
 def hold_threads(count):
-    """Holds TensorFlow to `count` intra- and inter-op threads; 0 leaves its default."""
-    if count:
+    """Holds TensorFlow to `count` intra- and inter-op threads; 0 leaves its default (TensorFlow backend only)."""
+    if count and keras.backend.backend() == "tensorflow":
         import tensorflow as tf
 
         tf.config.threading.set_intra_op_parallelism_threads(count)

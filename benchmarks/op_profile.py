@@ -36,9 +36,10 @@ import keras_vg  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from interleaved import add_threads_option, hold_threads  # noqa: E402
-from overhead import MODELS  # noqa: E402
+from overhead import MODELS, optimizer_for  # noqa: E402
 
 ARMS = {"plain": None, "every=1": 1, "every=10": 10}
+"""Monitors' `every` by arm; every=10's steps between records run Keras's own function."""
 STEPS = 20
 
 
@@ -65,7 +66,7 @@ def kernel_times(log_dir):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="mlp", choices=list(MODELS))
+    parser.add_argument("--model", default="sgd_mlp", choices=list(MODELS))
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--rows", type=int, default=25, help="Op types shown, the dearest first.")
     add_threads_option(parser)
@@ -81,7 +82,7 @@ def main():
         for arm, every in ARMS.items():
             keras.utils.set_random_seed(0)
             model, _, _ = build()
-            model.compile(optimizer=keras.optimizers.Adam(1e-4),
+            model.compile(optimizer=optimizer_for(args.model),
                           loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
             callbacks = [] if every is None else [keras_vg.GradientMonitor(f"{root}/{every}", every=every, verbose=0)]
             fits[arm] = (model, callbacks)

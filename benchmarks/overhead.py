@@ -1,41 +1,61 @@
-"""Step-time overhead of GradientMonitor against plain `fit`, in one process.
+"""Step-time, trace-time and memory overhead of GradientMonitor (and AutoClip) against plain `fit`.
 
-The method is `benchmarks/interleaved.py`: every arm trains its own copy of
-the model, rounds interleave the arms after a warm-up round, each arm is timed
-from its third batch on, and its time is divided by plain `fit`'s in the same
-round. The table gives the fastest-round ratio, the median paired ratio with
-its quartiles and the CPU-time ratio, beside an A/A row (plain against plain)
-that shows the noise floor of the machine.
+The step-time method is `benchmarks/interleaved.py`: every arm trains its
+own copy of the model, rounds interleave the arms after a warm-up round, each
+arm is timed from its third batch on with a batch-begin timer, and its time is
+divided by plain `fit`'s in the same round. The table gives the fastest-round
+ratio, the median paired ratio with its quartiles and the CPU-time ratio,
+beside an A/A row (plain against plain) that shows the noise floor of the
+machine. It also gives each arm's warm-up round (the first `fit`, which
+traces) minus plain's: the extra trace and compile time.
+
+`--memory` instead runs each arm alone in a fresh process on a wide ReLU MLP
+and reports its peak resident memory above plain's, as a multiple of the
+parameters' size.
+
+Keras's backend is `KERAS_BACKEND`'s (TensorFlow by default; `jax` too).
 
 Usage:
-    python -u benchmarks/overhead.py              # all models, 9 rounds
-    python benchmarks/overhead.py --models mlp --rounds 7 --batches 40
-    python -u benchmarks/overhead.py --threads 1 --jit  # XLA; one thread steadies the CPU-time column
+    python -u benchmarks/overhead.py --threads 1 --rounds 12            # every CPU model, every arm
+    python -u benchmarks/overhead.py --models sgd_mlp --arms every=1 every=10
+    python -u benchmarks/overhead.py --memory
 """
 
 import argparse
+import json
 import os
+import resource
+import statistics
+import subprocess
 import sys
 import tempfile
+import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
-import tensorflow as tf  # noqa: E402
 
 import keras_vg  # noqa: E402
+from keras_vg.monitor import DEFAULT_EVERY  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from interleaved import add_threads_option, hold_threads, print_table, time_arms  # noqa: E402
+
+
+def sgd_mlp():
+    """A cheap optimizer, so that nothing hides the monitor's own work: 12 tanh layers, 384 wide."""
+    layers = [keras.Input((384,))]
+    layers += [keras.layers.Dense(384, activation="tanh") for _ in range(12)]
+    layers.append(keras.layers.Dense(10))
+    return keras.Sequential(layers), np.random.rand(64 * 64, 384).astype("float32"), 64
 
 
 def sigmoid_mlp():
     layers = [keras.Input((256,))]
     layers += [keras.layers.Dense(256, activation="sigmoid") for _ in range(20)]
     layers.append(keras.layers.Dense(10))
-    x = np.random.rand(128 * 64, 256).astype("float32")
-    return keras.Sequential(layers), x, 128
+    return keras.Sequential(layers), np.random.rand(128 * 64, 256).astype("float32"), 128
 
 
 def small_cnn():
@@ -60,94 +80,167 @@ def small_transformer():
     return keras.Model(inputs, outputs), np.random.rand(64 * 64, 32, 64).astype("float32"), 64
 
 
-MODELS = {"mlp": sigmoid_mlp, "cnn": small_cnn, "transformer": small_transformer}
+def gpu_mlp():
+    """Big enough to keep a GPU busy: 8 x 4096 ReLU, 134 M parameters (537 MB in float32), batch 1024."""
+    layers = [keras.Input((4096,))] + [keras.layers.Dense(4096, activation="relu") for _ in range(8)]
+    layers.append(keras.layers.Dense(10))
+    return keras.Sequential(layers), np.random.rand(1024 * 16, 4096).astype("float32"), 1024
 
 
-class TapeRecompute(keras.callbacks.Callback):
-    """The common approach: an eager GradientTape on a probe batch after every step."""
+def describe_backend():
+    """The backend, its version and its devices, for the tables' headers."""
+    backend = keras.backend.backend()
+    if backend == "jax":
+        import jax
 
-    def __init__(self, x, y):
-        super().__init__()
-        self.x, self.y = x, y
+        return f"JAX {jax.__version__}, devices {[d.device_kind for d in jax.devices()]}"
+    import tensorflow as tf
 
-    def on_train_batch_end(self, batch, logs=None):
-        with tf.GradientTape() as tape:
-            loss = keras.losses.sparse_categorical_crossentropy(self.y, self.model(self.x), from_logits=True)
-        grads = tape.gradient(loss, self.model.trainable_variables)
-        self.norms = [float(tf.norm(g)) for g in grads if g is not None]
+    return f"TensorFlow {tf.__version__}, devices {[d.device_type for d in tf.config.list_physical_devices()]}"
 
 
-def make_arms(build, x, batch, log_root, jit_compile):
-    y = np.random.randint(0, 10, size=len(x))
-    # One set of callbacks per arm for all rounds, as in one long fit: a monitor keeps its
-    # traced function across fit calls, so only the warm-up round traces.
-    arms = {
-        "plain": [],
-        "plain (A/A)": [],
-        "GradientMonitor every=1": [keras_vg.GradientMonitor(f"{log_root}/every1", verbose=0)],
-        "GradientMonitor every=10": [keras_vg.GradientMonitor(f"{log_root}/every10", every=10, verbose=0)],
-        "eager GradientTape recompute": [TapeRecompute(x[:batch], y[:batch])],
-        "TensorBoard(histogram_freq=1)": [keras.callbacks.TensorBoard(f"{log_root}/tb", histogram_freq=1)],
-    }
-    models = {}
-    for name in arms:
+def wide_relu_mlp():
+    """For memory: 4 x 2048 ReLU, about 55 MB of parameters."""
+    layers = [keras.Input((1024,))] + [keras.layers.Dense(2048, activation="relu") for _ in range(4)]
+    layers.append(keras.layers.Dense(10))
+    return keras.Sequential(layers), np.random.rand(64 * 16, 1024).astype("float32"), 64
+
+
+MODELS = {"sgd_mlp": sgd_mlp, "mlp": sigmoid_mlp, "cnn": small_cnn, "transformer": small_transformer,
+          "gpu_mlp": gpu_mlp}
+"""Reference models: builders returning `(model, inputs, batch size)`."""
+
+
+def optimizer_for(name):
+    """Plain SGD for the SGD MLP, so that nothing hides the monitor's own work; Adam for the others."""
+    return keras.optimizers.SGD(0.01) if name == "sgd_mlp" else keras.optimizers.Adam(1e-4)
+
+
+def monitor(every, stats=None):
+    return lambda log_dir: [keras_vg.GradientMonitor(log_dir, every=every, stats=stats, verbose=0)]
+
+
+ARMS = {
+    "plain (A/A)": lambda log_dir: [],
+    "every=1": monitor(1),
+    "every=10": monitor(10),
+    "every=100": monitor(100),
+    f"default (every={DEFAULT_EVERY})": lambda log_dir: [keras_vg.GradientMonitor(log_dir, verbose=0)],
+    "every=1, grad_norm": monitor(1, ["grad_norm"]),
+    "every=1, gradients": monitor(1, ["grad_norm", "grad_max_abs", "grad_nonfinite", "global_grad_norm"]),
+    "every=1, weights": monitor(1, ["weight_norm", "update_ratio"]),
+    "every=1, activations": monitor(1, ["dead_fraction", "saturation_fraction"]),
+    "AutoClip armed": lambda log_dir: [keras_vg.AutoClip(verbose=0)],
+    "AutoClip on": lambda log_dir: [keras_vg.AutoClip(trigger=None, verbose=0)],
+    "Keras global_clipnorm=1": None,  # the optimizer clips: no callback
+}
+"""Arms beside plain `fit`: a function of a log directory returning the arm's callbacks."""
+
+
+def compile_arm(model, optimizer, arm, jit_compile=False):
+    if arm == "Keras global_clipnorm=1":
+        optimizer = type(optimizer).from_config({**optimizer.get_config(), "global_clipnorm": 1.0})
+    model.compile(optimizer=optimizer, loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                  jit_compile=jit_compile)
+
+
+def make_arms(name, arm_names, log_root, jit_compile):
+    models, callbacks = {}, {}
+    for arm in ["plain"] + arm_names:
         keras.utils.set_random_seed(0)
-        model, _, _ = build()
-        model.compile(optimizer=keras.optimizers.Adam(1e-4),
-                      loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True), jit_compile=jit_compile)
-        models[name] = model
-    return arms, models, y
+        model, _, _ = MODELS[name]()
+        compile_arm(model, optimizer_for(name), arm, jit_compile)
+        models[arm] = model
+        # One set of callbacks per arm for all rounds, as in one long fit: a monitor keeps its
+        # traced functions across fit calls, so only the warm-up round traces.
+        factory = ARMS.get(arm)
+        callbacks[arm] = factory(os.path.join(log_root, str(len(callbacks)))) if factory else []
+    return models, callbacks
 
 
-def run_model(name, rounds, batches, jit_compile=False):
-    build = MODELS[name]
+def run_model(name, arm_names, rounds, batches, jit_compile=False):
     keras.utils.set_random_seed(0)
-    _, x, batch = build()
+    _, x, batch = MODELS[name]()
     x = x[: batch * batches]
+    y = np.random.randint(0, 10, size=len(x))
+    first_fit = {}
+
+    def fit(model, callbacks):
+        start = time.perf_counter()
+        model.fit(x, y, batch_size=batch, epochs=1, verbose=0, callbacks=callbacks)
+        first_fit.setdefault(id(model), time.perf_counter() - start)
+
     with tempfile.TemporaryDirectory() as log_root:
-        arms, models, y = make_arms(build, x, batch, log_root, jit_compile)
-        wall, cpu = time_arms(models, arms, lambda model, callbacks: model.fit(
-            x, y, batch_size=batch, epochs=1, verbose=0, callbacks=callbacks), rounds)
-        event_bytes = sum(
-            os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(f"{log_root}/every1") for f in fs
-        )
-        recorded = (rounds + 1) * batches
+        models, callbacks = make_arms(name, arm_names, log_root, jit_compile)
+        wall, cpu = time_arms(models, callbacks, fit, rounds)
     xla = ", jit_compile=True" if jit_compile else ""
     print_table(f"{name}{xla}: batch {batch}, {batches} batches/round, {rounds} rounds", wall, cpu, batches - 3)
-    print(f"event-file bytes per recorded step (every=1): {event_bytes / recorded:.0f}")
+    plain_later = statistics.median(wall["plain"]) * batches / (batches - 3)
+    print("\nExtra time of the first fit (tracing and compiling), against plain's:")
+    for arm, model in models.items():
+        if arm != "plain":
+            extra = first_fit[id(model)] - first_fit[id(models["plain"])]
+            print(f"- {arm}: {extra:+.2f} s (plain's first fit {first_fit[id(models['plain'])]:.2f} s, "
+                  f"a later one {plain_later:.2f} s)")
     return wall
 
 
-def tap_state_bytes(name):
-    """Bytes of the tap's buffers for one model (its extra device memory, besides w_before copies)."""
+def peak_memory(arm, steps):
+    """In this process: peak resident memory of a fit of `arm` on the wide MLP, and the parameters' bytes."""
     keras.utils.set_random_seed(0)
-    model, x, batch = MODELS[name]()
-    model.compile(optimizer="adam", loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    model, x, batch = wide_relu_mlp()
+    compile_arm(model, keras.optimizers.Adam(1e-4), arm)
+    factory = ARMS.get(arm)
+    y = np.random.randint(0, 10, size=len(x))
     with tempfile.TemporaryDirectory() as log_dir:
-        monitor = keras_vg.GradientMonitor(log_dir, verbose=0)
-        model.fit(x[:batch * 2], np.zeros(batch * 2), batch_size=batch, epochs=1, verbose=0, callbacks=[monitor])
-        state = sum(int(np.prod(v.shape)) * v.dtype.size for v in monitor.tap.buffers.variables.values())
-        observed = monitor.tap._update_meter.observed
-        copied = sum(int(np.prod(v.shape)) * 4 for v, seen in zip(model.trainable_variables, observed) if not seen)
-    print(f"{name}: tap buffers {state} bytes; weight copies for update_ratio {copied} bytes "
-          f"(transient, one step; 0 where the optimizer's updates are observed)")
+        callbacks = factory(log_dir) if factory else []
+        model.fit(x, y, batch_size=batch, epochs=max(1, steps * batch // len(x)), verbose=0, callbacks=callbacks)
+    parameters = sum(int(np.prod(v.shape)) * 4 for v in model.trainable_variables)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, parameters
+
+
+def memory_table(arm_names, repeats):
+    print("\nPeak resident memory of one process per arm, 4 x 2048 ReLU MLP, Adam, above plain's "
+          f"(median of {repeats} processes each):")
+    peaks = {}
+    for arm in ["plain"] + arm_names:
+        values = []
+        for _ in range(repeats):
+            out = subprocess.run([sys.executable, __file__, "--peak-memory-of", arm], capture_output=True,
+                                 text=True, check=True)
+            values.append(json.loads(out.stdout.strip().splitlines()[-1]))
+        peaks[arm] = (statistics.median(v[0] for v in values), values[0][1])
+    plain, parameters = peaks.pop("plain")
+    print(f"plain: {plain / 2**20:.0f} MiB; parameters {parameters / 2**20:.1f} MiB\n")
+    print("| arm | extra peak memory | as a multiple of the parameters |")
+    print("|---|---|---|")
+    for arm, (peak, _) in peaks.items():
+        print(f"| {arm} | {(peak - plain) / 2**20:+.1f} MiB | {(peak - plain) / parameters:+.2f}x |")
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
-    parser.add_argument("--rounds", type=int, default=9)
-    parser.add_argument("--batches", type=int, default=30)
+    parser.add_argument("--models", nargs="+", default=[m for m in MODELS if m != "gpu_mlp"], choices=list(MODELS))
+    parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS), metavar="ARM",
+                        help=f"Arms beside plain fit, from: {', '.join(ARMS)}")
+    parser.add_argument("--rounds", type=int, default=12)
+    parser.add_argument("--batches", type=int, default=40)
     add_threads_option(parser)
     parser.add_argument("--jit", action="store_true", help="Compile every arm with jit_compile=True (XLA).")
+    parser.add_argument("--memory", action="store_true", help="Measure peak memory instead of step time.")
+    parser.add_argument("--repeats", type=int, default=3, help="Processes per arm for --memory.")
+    parser.add_argument("--peak-memory-of", help=argparse.SUPPRESS)
     args = parser.parse_args()
     hold_threads(args.threads)
-    print(f"TensorFlow {tf.__version__}, Keras {keras.__version__}, devices: "
-          f"{[d.device_type for d in tf.config.list_physical_devices()]}")
+    if args.peak_memory_of:
+        print(json.dumps(peak_memory(args.peak_memory_of, steps=40)))
+        return
+    print(f"Keras {keras.__version__} on {describe_backend()}")
+    if args.memory:
+        memory_table([a for a in args.arms if a != "plain (A/A)"], args.repeats)
+        return
     for name in args.models:
-        run_model(name, args.rounds, args.batches, args.jit)
-    for name in args.models:
-        tap_state_bytes(name)
+        run_model(name, args.arms, args.rounds, args.batches, args.jit)
 
 
 if __name__ == "__main__":

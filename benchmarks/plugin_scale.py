@@ -41,10 +41,12 @@ import urllib.request
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path[:0] = [REPO_ROOT, os.path.join(REPO_ROOT, "tests")]  # the browser driver is test code
+
+import tensorboard_browser as testing  # noqa: E402
 
 from keras_vg.event_writer import EventWriter  # noqa: E402
-from tb_plugin import testing  # noqa: E402
 
 FRAME = "document.querySelector('iframe') && document.querySelector('iframe').contentDocument"
 

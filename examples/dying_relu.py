@@ -5,8 +5,9 @@ A 4-layer ReLU MLP with He initialisation classifies scikit-learn's digits
 learning rate 1e-3, and with 0.05. The large steps of the second run push
 most units' pre-activations below 0 for every input within a few steps; a
 dead unit has zero gradient, so it never recovers. `GradientMonitor` records
-the fraction of each ReLU layer's units that never fired; the diagnosis
-reports the dead layers, from which step, and remedies.
+the fraction of each ReLU layer's units that output 0 (pass no gradient) for
+a whole batch; the diagnosis reports the layers where that fraction reaches
+70%, from which step, and remedies. The run at 1e-3 has no finding.
 
     pip install scikit-learn
     python examples/dying_relu.py                 # about 20 s on 2 CPU cores

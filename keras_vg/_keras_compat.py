@@ -13,6 +13,9 @@ Private names used here, and why:
   the optimizer's `assign*` methods (see `update_is_observable`).
 - The `_lower_using_switch_merge` attribute of TensorFlow's `If` op (see
   `unlowered_cond`).
+- That the TensorFlow trainer's `make_train_function` binds `train_step` when
+  it builds the function, not when it traces it (see
+  `train_function_with_step`).
 """
 
 import collections
@@ -20,6 +23,7 @@ import contextlib
 import warnings
 
 import keras
+import numpy as np
 
 TESTED_KERAS_VERSIONS = ("3.15",)
 """`major.minor` of the Keras releases whose private APIs were checked."""
@@ -55,6 +59,36 @@ def applying_optimizer(optimizer):
     """
     inner = getattr(optimizer, "inner_optimizer", None)
     return applying_optimizer(inner) if inner is not None else optimizer
+
+
+def train_function_with_step(model, train_step):
+    """Builds a train function the way `model.make_train_function` does, around another step.
+
+    The function has everything Keras puts around its step (the loop of
+    `steps_per_execution`, the distribution strategy, `jit_compile`), so it
+    can stand in for `model.train_function` on some steps. The model's own
+    `train_function` and `train_step` are left as they were: Keras 3.15's
+    TensorFlow trainer reads `train_step` when it builds the function.
+
+    Args:
+        model: A compiled Keras model on the TensorFlow backend.
+        train_step: A function of one batch, as `Model.train_step`.
+
+    Returns:
+        The new train function (traced at its first call).
+    """
+    own_step = model.__dict__.get("train_step")
+    own_function = model.train_function
+    model.train_step = train_step
+    try:
+        model.make_train_function(force=True)
+        return model.train_function
+    finally:
+        if own_step is None:
+            del model.train_step
+        else:
+            model.train_step = own_step
+        model.train_function = own_function
 
 
 def unlowered_cond(pred, true_fn, false_fn):
@@ -429,3 +463,101 @@ def attach_saved_state(model, name, saveable):
             and `load_own_variables`.
     """
     object.__setattr__(model, name, saveable)
+
+
+# Keras's JAX backend (keras_vg.jax_tap) -----------------------------------------
+#
+# Tested with Keras 3.15.1 on JAX 0.10.2 (CPU). Private names used, and why:
+# - `Trainer._jax_state` and `_jax_state_synced`: during `fit`, Keras's JAX trainer
+#   holds the variables' values in that state and writes them back only at the end
+#   of an epoch; what the monitor reads in between (its records, the optimizer's
+#   step count, the loss tracker) is read from there.
+# - `Layer._metrics`: the list a model's metrics are tracked in, to replace the
+#   records metric of an earlier compile rather than keep both; `Layer._tracker`
+#   (`locked`, `lock`, `unlock`): a built subclassed model locks its tracker against
+#   new state, which the records metric is.
+
+
+TESTED_JAX_VERSIONS = ("0.10",)
+"""`major.minor` of the JAX releases the JAX tap was tested with."""
+
+_warned_jax = False
+
+
+def warn_if_jax_untested():
+    """Warns once when the installed JAX is not one `keras_vg.jax_tap` was tested with."""
+    global _warned_jax
+    import jax
+
+    if _warned_jax or any(jax.__version__ == v or jax.__version__.startswith(v + ".") for v in TESTED_JAX_VERSIONS):
+        return
+    _warned_jax = True
+    warnings.warn(f"keras-vg's JAX tap was tested with JAX {', '.join(TESTED_JAX_VERSIONS)}.x; JAX "
+                  f"{jax.__version__} is installed. It records through Keras's public stateless API, so the "
+                  "numbers should hold; if training fails, remove GradientMonitor and report it.", stacklevel=3)
+
+
+def is_primary_process():
+    """Whether this process writes the records: the only one, or JAX's process 0 of several."""
+    if keras.backend.backend() != "jax":
+        return True
+    import jax
+
+    return jax.process_index() == 0
+
+
+def attach_metric(model, name, metric):
+    """Attaches a metric to a built model, whose variables Keras then threads through each step.
+
+    A metric attached earlier under the same name is replaced.
+
+    Args:
+        model: A Keras model.
+        name: The attribute name.
+        metric: A `keras.metrics.Metric`.
+
+    Returns:
+        The metric.
+    """
+    previous = getattr(model, name, None)
+    if previous is not None and previous in model._metrics:
+        model._metrics.remove(previous)
+    # A built layer's tracker is locked against new state; Keras unlocks it the same way to untrack.
+    tracker = model._tracker
+    locked = tracker.locked
+    tracker.unlock()
+    try:
+        setattr(model, name, metric)  # Keras's attribute tracking adds it to model.metrics
+    finally:
+        if locked:
+            tracker.lock()  # keeps the message it was locked with
+    return metric
+
+
+def read_variable(model, variable):
+    """The current value of a model's, its optimizer's or its metrics' variable, as numpy.
+
+    On the JAX backend during `fit`, the value is the one Keras's trainer
+    holds in its state, which reaches the variable only at the end of the
+    epoch.
+
+    Args:
+        model: The Keras model being trained.
+        variable: One of its, its optimizer's or its metrics' variables.
+
+    Returns:
+        A numpy array.
+    """
+    state = getattr(model, "_jax_state", None)
+    if state and not getattr(model, "_jax_state_synced", True):
+        groups = (("trainable_variables", model.trainable_variables),
+                  ("non_trainable_variables", model.non_trainable_variables),
+                  ("optimizer_variables", model.optimizer.variables),
+                  ("metrics_variables", model.metrics_variables))
+        for key, variables in groups:
+            values = state.get(key) or ()
+            for candidate, value in zip(variables, values):
+                if candidate is variable:
+                    return np.asarray(value)
+    return np.asarray(variable.numpy())
+

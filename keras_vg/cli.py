@@ -1,4 +1,4 @@
-"""`keras-vg`: the command line. `keras-vg report LOG_DIR`, `keras-vg plot LOG_DIR -o FILE`.
+"""`keras-vg`: the command line. `keras-vg report LOG_DIR`, `keras-vg plot LOG_DIR -o FILE [--by variable]`.
 
 Errors are one line on stderr saying what to do, with a non-zero exit code and
 no traceback:
@@ -13,7 +13,8 @@ Example:
 
 ```sh
 keras-vg report logs/run1
-keras-vg plot logs/run1 -o heatmap.png
+keras-vg plot logs/run1 -o heatmap.png                  # one row per layer
+keras-vg plot logs/run1 -o variables.png --by variable  # one row per variable
 ```
 """
 
@@ -22,10 +23,13 @@ import os
 import sys
 
 from keras_vg import format as fmt
+from keras_vg.heatmap_marks import VIEWS
 
 _EPILOG = """examples:
   keras-vg report logs/run1                 findings in plain words, with remedies for this model
   keras-vg plot logs/run1 -o heatmap.png    the layers x steps heatmap, vanishing cells hatched
+  keras-vg plot logs/run1 -o vars.png --by variable
+                                            the same with one row per variable
 
 LOG_DIR is the directory given to keras_vg.GradientMonitor(log_dir=...).
 Rules and thresholds: docs/DETECTION.md; the report: docs/DIAGNOSIS.md."""
@@ -54,6 +58,8 @@ def _parser():
     plot.add_argument("--stat", default="grad_norm", metavar="NAME",
                       choices=[s for s in fmt.STATS if fmt.axis_of(s) != fmt.AXIS_SCALAR],
                       help="statistic to draw (default: grad_norm; also update_ratio, dead_fraction, ...)")
+    plot.add_argument("--by", default="layer", choices=VIEWS,
+                      help="one row per layer (default; variables combined per layer) or per variable")
     return parser
 
 
@@ -95,10 +101,15 @@ def _plot(args):
         import matplotlib  # noqa: F401
     except ImportError:
         raise CommandError("keras-vg plot needs matplotlib: pip install matplotlib") from None
+    from keras_vg.plot import plot_run
+
+    if args.stat not in run.stats():
+        raise CommandError(f"this run did not record {args.stat}; it has: {', '.join(run.stats())}")
+    if args.stat == "update_ratio" and args.by == "layer" and "weight_norm" not in run.stats():
+        raise CommandError("update_ratio combines per layer through weight_norm, which this run did not record; "
+                           "use --by variable")
     try:
-        run.plot(stat=args.stat, path=args.output)
-    except KeyError:
-        raise CommandError(f"this run did not record {args.stat}; it has: {', '.join(run.stats())}") from None
+        plot_run(run, stat=args.stat, path=args.output, by=args.by)
     except ValueError as error:  # matplotlib: an extension it cannot write
         raise CommandError(f"cannot write {args.output}: {error}") from None
     print(f"wrote {args.output}")
@@ -125,13 +136,10 @@ def main(argv=None):
         args = parser.parse_args(argv)
     except SystemExit as exit_:  # --help (0) and usage errors (2): argparse has printed why
         return exit_.code
-    # The reader's TensorBoard event loader imports TensorFlow when it is installed (seconds
-    # of start-up, log noise) only to iterate records; its pure-Python fallback reads the same
-    # files. This process never needs TensorFlow, so the CLI asks TensorBoard for the fallback.
-    if "tensorflow" not in sys.modules:
-        import types
+    # This process never needs TensorFlow: TensorBoard reads the files without it.
+    from keras_vg.reader import tensorboard_without_tensorflow
 
-        sys.modules.setdefault("tensorboard.compat.notf", types.ModuleType("tensorboard.compat.notf"))
+    tensorboard_without_tensorflow()
     try:
         {"report": _report, "plot": _plot}[args.command](args)
     except CommandError as error:

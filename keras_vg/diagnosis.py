@@ -6,10 +6,14 @@ that `GradientMonitor` writes (`keras_vg.model_summary`), names the layers'
 activations and initialisers, and picks the remedies that fit the model: no
 BatchNormalization advice for a model that has it, LSTM/GRU for a SimpleRNN,
 clipping for exploding gradients, He initialisation with ReLU-family
-activations. Where `keras_vg.AutoClip` wrote into the run, it reports when
-clipping switched on and off and what it clipped and skipped, and judges
-each exploding finding by the updates clipping let through instead of
-suggesting clipping again. TensorFlow-free, like the reader.
+activations. Two more sources join them: the `nonfinite` events the monitor
+writes for non-finite steps between records (each a finding, unless a
+recorded episode covers it), and the gradients that are zero by construction
+(`detect.zero_gradients`), which are notes, not findings. Where
+`keras_vg.AutoClip` wrote into the run, it reports when clipping switched on
+and off and what it clipped and skipped, and judges each exploding finding by
+the updates clipping let through instead of suggesting clipping again.
+TensorFlow-free, like the reader.
 
 Example:
 
@@ -50,9 +54,26 @@ _VERBS = {
     "vanishing": "gradients vanish",
     "exploding": "gradients explode",
     "nonfinite": "gradients are NaN or infinite",
-    "dead": "ReLU units are dead (they never fire)",
+    "dead": "units pass no gradient for a whole batch",
     "saturated": "activations saturate at their asymptotes",
     "stalled": "weights barely change",
+    "skipped": "steps with a non-finite gradient were skipped",
+}
+# "Dead" means no gradient flows; how that happens depends on the activation's derivative.
+_DEAD_VERBS = {
+    "relu": "ReLU units are dead: they output 0 for every sample of a batch, so no gradient flows through them",
+    "relu6": "ReLU6 units pass no gradient: they sit at 0 or 6 for every sample of a batch",
+    "elu": "ELU units pass almost no gradient: they sit deep on their saturated negative side for every sample",
+    "selu": "SELU units pass almost no gradient: they sit deep on their saturated negative side for every sample",
+}
+# Why a gradient is zero by construction (`structural_zeros` reasons), and what to do about it.
+_ZERO_REASONS = {
+    "batch_norm_follows": ("BatchNormalization follows and subtracts each channel's batch mean, which removes the "
+                           "bias", "use_bias=False on {layers} saves the parameters (BatchNormalization's beta "
+                                  "is the bias)"),
+    "attention_key_bias": ("the softmax over the keys ignores a shift shared by every key", "nothing to change"),
+    None: ("its gradient stayed below {ratio} of its layer's kernels at every record: something after the layer "
+           "(a normalisation?) removes a constant shift", "use_bias=False there if so"),
 }
 
 
@@ -62,8 +83,8 @@ class Remedy:
 
     Keys: `gating`, `relu_he`, `he_init`, `scaled_init`, `batch_norm`,
     `residual`, `fewer_layers`, `clipping`, `clip_earlier`,
-    `tighter_clipping`, `lower_lr`, `leaky`, `check_data`, `scale_inputs`,
-    `adaptive_optimizer`, `output_layer`.
+    `tighter_clipping`, `lower_lr`, `leaky`, `bias_init`, `check_data`,
+    `scale_inputs`, `adaptive_optimizer`, `output_layer`.
     """
 
     key: str
@@ -72,12 +93,14 @@ class Remedy:
 
 @dataclasses.dataclass(frozen=True)
 class Finding:
-    """One episode of `keras_vg.detect`, mapped to layers, with remedies.
+    """One episode of `keras_vg.detect` (or a `nonfinite` event), mapped to layers, with remedies.
 
     Attributes:
         kind: One of `detect.KINDS`: `nonfinite`, `exploding`, `vanishing`,
-            `dead`, `saturated`, `stalled`.
-        scope: `"variable"`, `"layer"` or `"global"` (the global norm).
+            `dead`, `saturated`, `stalled`, `skipped` (steps AutoClip
+            skipped: what it did, with no remedy of its own).
+        scope: `"variable"`, `"layer"` or `"global"` (the global norm, the
+            skipped steps, or a `nonfinite` event between records).
         layers: The layers concerned, in model order (empty for `global`).
         first_step: The first recorded step of the episode.
         last_step: Its last recorded step.
@@ -97,7 +120,9 @@ class Finding:
         skipped: Likewise, the non-finite steps it skipped during the
             episode; None otherwise.
         remedies: `Remedy` tuple, the most fitting first.
-        episode: The `detect.Episode` itself (variable names and message).
+        episode: The `detect.Episode` itself (variable names and message);
+            for a `nonfinite` event, an episode built from it (rule
+            `nonfinite_event`, its source as the name).
         message: The finding in plain words, remedies included.
     """
 
@@ -118,6 +143,29 @@ class Finding:
     remedies: tuple
     episode: detect.Episode
     message: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Note:
+    """Information that is not a problem: gradients that are zero by construction.
+
+    Attributes:
+        kind: `"zero_gradient"`.
+        reason: Why (`batch_norm_follows`, `attention_key_bias`), or None
+            where only the records show it.
+        variables: The variables concerned, in model order.
+        layers: Their layers.
+        ratio: The largest ratio of their grad norm to their layers'
+            kernels' seen in the records (None without `grad_norm`).
+        text: One line for the report, with the fitting remark.
+    """
+
+    kind: str
+    reason: str | None
+    variables: tuple
+    layers: tuple
+    ratio: float | None
+    text: str
 
 
 @dataclasses.dataclass(frozen=True)
@@ -187,9 +235,7 @@ class Clipping:
         else:
             parts.append("clipped no step")
         if self.skipped:
-            listed = ", ".join(str(s) for s in self.skipped_steps[:5])
-            listed += ", ..." if len(self.skipped_steps) > 5 else ""
-            parts.append(f"skipped {_steps(self.skipped, 'non-finite ')}" + (f" (at {listed})" if listed else ""))
+            parts.append(skipped_text(self.skipped, self.skipped_steps))
         if switches:
             parts.append("on at the last step" if self.on_at_end
                          else f"off (armed) from step {switches[-1]['step']} on")
@@ -208,7 +254,11 @@ class Diagnosis:
         last_step: The last recorded step.
         first_last_ratio: Median over the run of the first kernel's grad
             norm over the last kernel's (None without `grad_norm`).
+        records: The number of recorded steps.
         findings: `Finding` tuple, by first step, most serious kind first.
+        notes: `Note` tuple: information that is not a problem (gradients
+            that are zero by construction). They do not make a run
+            unhealthy.
         clipping: What `keras_vg.AutoClip` did (a `Clipping`), or None when
             the run has no AutoClip records.
         thresholds: The `detect.Thresholds` used.
@@ -219,7 +269,9 @@ class Diagnosis:
     first_step: int | None
     last_step: int | None
     first_last_ratio: float | None
+    records: int
     findings: tuple
+    notes: tuple
     clipping: Clipping | None
     thresholds: detect.Thresholds
 
@@ -230,7 +282,7 @@ class Diagnosis:
 
     @property
     def healthy(self):
-        """True when there are no findings."""
+        """True when there are no findings (notes do not count)."""
         return not self.findings
 
     def text(self, max_findings=20):
@@ -250,6 +302,10 @@ class Diagnosis:
             lines.append("")
             lines.append("No findings: no vanishing, exploding or non-finite gradients, dead or saturated "
                          "units, or stalled layers (rules and thresholds: docs/DETECTION.md).")
+            if self.records < self.thresholds.min_records:
+                lines.append(f"Only {_steps(self.records, 'recorded ')}: findings other than extreme ones (non-finite "
+                             f"values, explosions {self.thresholds.extreme_factor:g}x beyond their threshold) need "
+                             f"{self.thresholds.min_records} records.")
         printed = set()
         for finding in self.findings[:max_findings]:
             lines.append("")
@@ -262,6 +318,10 @@ class Diagnosis:
             lines.append("")
             lines.append(f"... and {len(self.findings) - max_findings} more findings "
                          "(Run.diagnose().findings has them all).")
+        if self.notes:
+            lines.append("")
+            lines.append("Notes (information, not problems):")
+            lines += [f"  - {note.text}" for note in self.notes]
         return "\n".join(lines)
 
     def __str__(self):
@@ -290,7 +350,7 @@ def diagnose(run, thresholds=None):
     classification = detect.classify(run, thresholds)
     episodes = detect.find_episodes(classification)
     summary = run.model()
-    layers = _Layers(summary)
+    layers = _Layers(summary, classification.structure)
     norm = run.stat("grad_norm") if "grad_norm" in run.stats() else None
     update = run.stat("update_ratio") if "update_ratio" in run.stats() else None
     clipping = _clipping(run)
@@ -299,22 +359,106 @@ def diagnose(run, thresholds=None):
     steps = np.unique(np.concatenate(all_steps)) if all_steps else np.zeros(0, np.int64)
     # Stalled updates in layers whose gradients vanish are a consequence, not a second problem.
     vanishing = {name for e in episodes if e.kind == "vanishing" for name in layers.names_of(e.names, e.scope)}
+    # Findings that start once the gradients are non-finite follow from the NaN, not from the model.
+    nonfinite = tuple((e.first_step, e.last_step) for e in episodes if e.kind == "nonfinite")
+    context = _Context(layers, norm, update, clipping, summary, vanishing, nonfinite, classification.thresholds)
     findings = []
     for episode in episodes:
         grid = {"layer": classification.layers, "global": classification.global_norm}.get(
             episode.scope, classification.variables)
-        findings.append(_finding(episode, grid, layers, norm, update, clipping, summary, vanishing,
-                                 classification.thresholds))
+        if episode.kind == "skipped":
+            grid = classification.skipped
+        findings.append(_finding(episode, grid.steps, context, grid.names))
+    findings += [_finding(episode, steps, context) for episode in _uncovered_events(run, episodes, steps)]
     return Diagnosis(
         log_dir=run.log_dir,
         model=summary,
         first_step=int(steps[0]) if len(steps) else None,
         last_step=int(steps[-1]) if len(steps) else None,
         first_last_ratio=first_last_ratio(norm),
-        findings=tuple(findings),
+        records=len(steps),
+        findings=tuple(sorted(findings, key=lambda f: detect.episode_order(f.episode))),
+        notes=tuple(_notes(detect.zero_gradients(run, summary, classification.thresholds))),
         clipping=clipping,
         thresholds=classification.thresholds,
     )
+
+
+@dataclasses.dataclass(frozen=True)
+class _Context:
+    """What every finding of a run is built from."""
+
+    layers: object
+    norm: tuple | None
+    update: tuple | None
+    clipping: Clipping | None
+    summary: dict | None
+    vanishing: set
+    nonfinite: tuple
+    thresholds: detect.Thresholds
+
+
+def _uncovered_events(run, episodes, steps):
+    """The monitor's `nonfinite` events (non-finite steps between records) that no recorded episode covers.
+
+    An event covers steps between two records; a recorded non-finite episode
+    covers it when its steps reach into that stretch from the record before
+    to the record after. Returns them as `detect.Episode`s, one per event,
+    built from the event's fields.
+    """
+    recorded = [(e.first_step, e.last_step) for e in episodes if e.kind == "nonfinite"]
+    out = []
+    for event in run.events():
+        if event.get("kind") != "nonfinite":
+            continue
+        first = int(event["step"])
+        last = int(event.get("last_step", first))
+        before = steps[steps <= first]
+        after = steps[steps >= last]
+        low = int(before[-1]) if before.size else first
+        high = int(after[0]) if after.size else last
+        if any(start <= high and end >= low for start, end in recorded):
+            continue
+        source = str(event.get("source", "loss"))
+        what = _SOURCES.get(source, f"the {source} was not finite")
+        text = f"Non-finite values between records, steps {first}-{last}: {what} (seen by the monitor between " \
+               f"recorded steps)."
+        out.append(detect.Episode("nonfinite", "global", (source,), first, last, "nonfinite_event",
+                                  float("nan"), 0.0, text))
+    return out
+
+
+# What a `nonfinite` event's source says happened.
+_SOURCES = {"loss": "the loss was not finite",
+            "loss_scale": "loss scaling found non-finite gradients and skipped those steps",
+            "weights": "the weights were not finite"}
+
+
+def _notes(zeros):
+    """The report's notes on gradients that are zero by construction, one per reason."""
+    by_reason = {}
+    for zero in zeros:
+        by_reason.setdefault(zero["reason"], []).append(zero)
+    notes = []
+    for reason, group in by_reason.items():
+        why, remark = _ZERO_REASONS.get(reason, _ZERO_REASONS[None])
+        variables = tuple(z["variable"] for z in group)
+        layers = tuple(dict.fromkeys(z["layer"] for z in group))
+        ratios = [z["ratio"] for z in group if z["ratio"] is not None]
+        ratio = max(ratios) if ratios else None
+        recorded = f" (recorded: at most {ratio:.1g} of the kernels' norm)" if ratio is not None and reason else ""
+        what = variables[0] if len(variables) == 1 else f"{len(variables)} variables ({_short_list(variables)})"
+        layer_words = _short_list(layers)
+        text = (f"Zero gradient by construction in {what}: "
+                + why.format(ratio=f"{ratio:.1g}" if ratio is not None else "?")
+                + f"{recorded}; {remark.format(layers=layer_words)}.")
+        notes.append(Note("zero_gradient", reason, variables, layers, ratio, text))
+    return notes
+
+
+def _short_list(names):
+    names = list(names)
+    return ", ".join(names) if len(names) <= 4 else f"{', '.join(names[:3])}, ..., {names[-1]}"
 
 
 def first_last_ratio(grad_norm, first_step=None, last_step=None):
@@ -357,22 +501,18 @@ def first_last_ratio(grad_norm, first_step=None, last_step=None):
 
 
 class _Layers:
-    """Looks up layers by variable path or layer name in the model summary."""
+    """Looks up layers by variable path (as `detect` groups them) or layer name in the model summary."""
 
-    def __init__(self, summary):
+    def __init__(self, summary, structure):
         entries = (summary or {}).get("layers", [])
         self.entries = {entry["name"]: entry for entry in entries}
-        self.order = {entry["name"]: i for i, entry in enumerate(entries)}
-        self.of_variable = {path: entry["name"] for entry in entries for path in entry.get("variables", [])}
+        self.of_variable = dict(zip(structure.names, structure.layers))
 
     def name_of(self, name, scope):
         if scope == "layer":
             return name
-        if name in self.of_variable:
-            return self.of_variable[name]
-        # No summary (or a variable it does not list): the layer is the path's parent.
-        parts = name.split("/")
-        return parts[-2] if len(parts) > 1 else name
+        # A variable detect did not see (none here) falls back as detect's own fallback does.
+        return self.of_variable.get(name) or name.rsplit("/", 1)[0]
 
     def names_of(self, names, scope):
         out = []
@@ -426,42 +566,64 @@ def _steps(count, adjective=""):
     return f"{count} {adjective}step{'' if count == 1 else 's'}"
 
 
-def _finding(episode, grid, layers, norm, update, clipping, summary, vanishing, thresholds):
-    candidates = layers.names_of(grid.names, episode.scope) if episode.scope != "global" else []
+def skipped_text(count, steps):
+    """`12 steps skipped by AutoClip (non-finite gradients, not applied), steps 30-200`.
+
+    Args:
+        count: How many steps AutoClip skipped.
+        steps: The steps of its `skip` events, where known (may be empty).
+    """
+    text = f"{_steps(count)} skipped by AutoClip (non-finite gradients, not applied)"
+    if len(steps):
+        text += f", {_when(min(steps), max(steps), False)}"
+    return text
+
+
+def _finding(episode, grid_steps, context, grid_names=()):
+    """A `Finding` from an episode: its layers, their facts, the remedies and the report's lines.
+
+    Args:
+        episode: A `detect.Episode` (or one built from a `nonfinite` event).
+        grid_steps: The recorded steps of its grid (whether it lasts to the end).
+        context: The run's `_Context`.
+        grid_names: Its grid's names, for the words of a range of layers.
+    """
+    layers, thresholds = context.layers, context.thresholds
+    candidates = layers.names_of(grid_names, episode.scope) if episode.scope != "global" else []
     concerned = tuple(layers.names_of(episode.names, episode.scope)) if episode.scope != "global" else ()
     activations, initializers = layers.describe(concerned)
-    ongoing = bool(len(grid.steps)) and episode.last_step == int(grid.steps[-1])
+    ongoing = bool(len(grid_steps)) and episode.last_step == int(grid_steps[-1])
     ratio = None
     if episode.kind == "vanishing":
-        ratio = first_last_ratio(norm, episode.first_step, episode.last_step)
+        ratio = first_last_ratio(context.norm, episode.first_step, episode.last_step)
     clipped = skipped = clip_line = clip_state = None
-    if clipping is not None and episode.kind in ("exploding", "nonfinite"):
-        clipped, skipped, clip_line, clip_state = _clipping_during(episode, grid.steps, update, clipping, thresholds)
-    remedies = remedies_for(episode.kind, concerned, summary, clipping=clip_state)
-    consequence = episode.kind == "stalled" and concerned and set(concerned) <= vanishing
+    if context.clipping is not None and episode.kind in ("exploding", "nonfinite"):
+        clipped, skipped, clip_line, clip_state = _clipping_during(episode, grid_steps, context.update,
+                                                                   context.clipping, thresholds)
+    remedies = remedies_for(episode.kind, concerned, context.summary, clipping=clip_state)
+    consequence = episode.kind == "stalled" and concerned and set(concerned) <= context.vanishing
     if consequence:  # the vanishing finding lists the shared remedies; keep only the extra ones
-        shared = {r.key for r in remedies_for("vanishing", concerned, summary)}
+        shared = {r.key for r in remedies_for("vanishing", concerned, context.summary)}
         remedies = [r for r in remedies if r.key not in shared]
+    after_nan = episode.kind not in ("nonfinite", "skipped") and any(
+        first <= episode.first_step <= last for first, last in context.nonfinite)
+    if after_nan:  # NaN weights make every other statistic meaningless: the non-finite finding has the remedies
+        remedies = []
     remedies = tuple(remedies)
 
-    verb = _VERBS[episode.kind]
-    if episode.kind == "stalled" and episode.rule == "below_resolution":
-        verb = "updates are lost to float32 rounding"
-    if episode.scope == "global":
-        verb = {"exploding": "explodes", "nonfinite": "is NaN or infinite"}.get(episode.kind, verb)
-    where = _layer_range(list(concerned), candidates)
-    described = ", ".join(activations + initializers)
-    headline = f"{where}{f' ({described})' if described else ''}: {verb} " \
-               f"{_when(episode.first_step, episode.last_step, ongoing)}"
-    if ratio is not None:
-        headline += f"; first/last norm ratio {ratio:.2g}"
-    if consequence:
-        headline += ", a consequence of the vanishing gradients there"
-    # detect's message is "<Title> in <where>, <when>: <measured figure and threshold>."; the
-    # part after the first ": " is the measurement, worded as the monitor's warnings word it.
-    measured = episode.message.split(": ", 1)[-1].rstrip(".")
-    lines = [f"{detect.KIND_TITLES[episode.kind]} - {headline}.",
-             f"  Measured: {measured}."]
+    if episode.rule == "nonfinite_event":  # its message is already in words, from the event's fields
+        lines = [episode.message]
+    else:
+        headline = f"{_headline_where(episode, concerned, candidates, activations, initializers)}: " \
+                   f"{_verb(episode, activations)} {_when(episode.first_step, episode.last_step, ongoing)}"
+        if ratio is not None:
+            headline += f"; first/last norm ratio {ratio:.2g}"
+        if consequence:
+            headline += ", a consequence of the vanishing gradients there"
+        if after_nan:
+            headline += ", after the gradients became non-finite (a consequence, not a cause)"
+        lines = [f"{detect.KIND_TITLES[episode.kind]} - {headline}.",
+                 f"  Measured: {detect.measured(episode)}."]
     if clip_line:
         lines.append(clip_line)
     if remedies:
@@ -473,6 +635,27 @@ def _finding(episode, grid, layers, norm, update, clipping, summary, vanishing, 
         activations=activations, initializers=initializers, first_last_ratio=ratio,
         clipped=clipped, skipped=skipped, remedies=remedies, episode=episode, message="\n".join(lines),
     )
+
+
+def _headline_where(episode, concerned, candidates, activations, initializers):
+    if episode.kind == "skipped":
+        return "training"
+    described = ", ".join(activations + initializers)
+    return _layer_range(list(concerned), candidates) + (f" ({described})" if described else "")
+
+
+def _verb(episode, activations):
+    """The finding's verb, worded for the rule, the scope and, for dead units, the activation."""
+    if episode.kind == "stalled" and episode.rule == "below_resolution":
+        return "updates are lost to float32 rounding"
+    if episode.scope == "global" and episode.kind in ("exploding", "nonfinite"):
+        return {"exploding": "explodes", "nonfinite": "is NaN or infinite"}[episode.kind]
+    if episode.kind == "dead" and len(set(activations)) == 1 and activations[0] in _DEAD_VERBS:
+        return _DEAD_VERBS[activations[0]]
+    if episode.kind == "skipped":
+        count = int(episode.figure)
+        return f"{_steps(count)} with a non-finite gradient {'was' if count == 1 else 'were'} skipped by AutoClip"
+    return _VERBS[episode.kind]
 
 
 def _clipping(run):
@@ -520,12 +703,13 @@ def _clipping_during(episode, recorded, update, clipping, thresholds):
     if not on:
         never = "" if clipping.switched_on or clipping.on_from_start else " (it never switched on)"
         return clipped, skipped, f"  Clipping: AutoClip was armed but not on during these steps{never}.", "armed"
+    counts = (f"it clipped {_steps(clipped)}, and {_steps(skipped)} {'was' if skipped == 1 else 'were'} "
+              "skipped by AutoClip (not applied)")
     if len(on) == len(steps):
-        line = (f"  Clipping: AutoClip was on throughout; it clipped {clipped} and skipped {skipped} of the "
-                f"{len(steps)} recorded steps of this episode")
+        line = f"  Clipping: AutoClip was on throughout the {_steps(len(steps), 'recorded ')} of this episode; {counts}"
     else:
-        line = (f"  Clipping: AutoClip was on at {len(on)} of the {len(steps)} recorded steps of this episode; "
-                f"it clipped {clipped} and skipped {skipped} of them")
+        line = (f"  Clipping: AutoClip was on at {len(on)} of the {_steps(len(steps), 'recorded ')} of this "
+                f"episode; {counts}")
     state = "bounded"
     # The update ratio is measured after clipping: whether the steps it let through were still too
     # large. Weight matrices only: a bias near 0 has a huge ratio for a tiny update (DIAGNOSIS.md).
@@ -533,7 +717,7 @@ def _clipping_during(episode, recorded, update, clipping, thresholds):
     if update is not None and limit is not None:
         update_steps, names, values = update
         at = np.isin(update_steps, on)
-        kernels = [i for i, name in enumerate(names) if name.rsplit("/", 1)[-1].endswith("kernel")]
+        kernels = [i for i, name in enumerate(names) if detect.variable_role(name) == "kernel"]
         update_steps, values = update_steps[at], values[at][:, kernels or slice(None)]
         peak = np.max(np.where(np.isnan(values), -np.inf, values), axis=1, initial=-np.inf)
         if peak.size and peak.max() > -np.inf:  # NaN is a zero weight's ratio: no figure there
@@ -563,6 +747,7 @@ def _facts(layer_names, summary):
     if not activations - {"linear"}:  # e.g. a kernel's layer has no activation: look at the whole model
         activations = {e.get("activation") for e in entries if e.get("activation")}
     inits = {e["kernel_initializer"] for e in concerned if e.get("kernel_initializer")}
+    negative_bias = sorted({e["bias_constant"] for e in concerned if e.get("bias_constant", 0) < 0})
     recurrent = set((summary or {}).get("recurrent", []))
     output = weighted[-1]["name"] if weighted else None
     return {
@@ -580,6 +765,8 @@ def _facts(layer_names, summary):
         "depth": len(weighted),
         "main_class": main_class,
         "optimizer": (summary or {}).get("optimizer"),
+        "negative_bias": negative_bias,
+        "optimizer_clipping": (summary or {}).get("optimizer_clipping") or {},
     }
 
 
@@ -618,11 +805,14 @@ def remedies_for(kind, layer_names, summary, clipping=None):
         if f["simple_rnn"] or generic:
             add("gating", "gated recurrent layers (LSTM or GRU) instead of SimpleRNN")
 
-    def activation_and_init():
-        if f["unscaled_inits"]:  # first: a fixed-scale initialiser is the likelier cause
+    def scaled_init():
+        if f["unscaled_inits"]:
             add("scaled_init", f"an initialiser scaled to the layer's width instead of "
                                f"{', '.join(f['unscaled_inits'])}: he_normal for ReLU-family, "
                                f"glorot_uniform (Xavier) for sigmoid/tanh")
+
+    def activation_and_init():
+        scaled_init()  # first: a fixed-scale initialiser is the likelier cause
         if f["saturating"] or generic:
             add("relu_he", "ReLU-family activations (ReLU, ELU, SELU, Swish) with He initialisation "
                            "(he_normal; lecun_normal for SELU)")
@@ -643,7 +833,12 @@ def remedies_for(kind, layer_names, summary, clipping=None):
             add("fewer_layers", f"fewer layers{detail}")
 
     def clip():
-        if clipping in CLIPPING_REMEDIES:
+        if clipping is None and f["optimizer_clipping"]:  # the gradients recorded are before its clipping
+            settings = ", ".join(f"{k}={v:g}" for k, v in f["optimizer_clipping"].items())
+            add("tighter_clipping", f"a lower clipping threshold than the optimizer's {settings} (the gradients "
+                                    "here are before it), or keras_vg.AutoClip(), which clips relative to the "
+                                    "run's own norms")
+        elif clipping in CLIPPING_REMEDIES:
             add(*CLIPPING_REMEDIES[clipping])
 
     def lower_lr(why=""):
@@ -668,11 +863,18 @@ def remedies_for(kind, layer_names, summary, clipping=None):
         batch_norm()
     elif kind == "nonfinite":
         clip()
+        gating()  # in a SimpleRNN, non-finite values are most often an explosion through time
         lower_lr()
+        if f["unscaled_inits"]:  # non-finite values are often an explosion's end
+            activation_and_init()
         add("check_data", "check the inputs and the loss for NaN/inf (log of 0, division by 0); "
                           "keras.callbacks.TerminateOnNaN stops such a run at once")
     elif kind == "dead":
+        if f["negative_bias"]:  # the likelier cause: the units start below 0
+            add("bias_init", f"biases that start at 0 (bias_initializer=\"zeros\") instead of "
+                             f"{f['negative_bias'][0]:g}, which starts the units off")
         lower_lr(": large steps push ReLU units' biases negative for good")
+        scaled_init()  # too large an init blows activations up, and the large steps that follow kill units
         if f["plain_relu"] or generic:
             add("leaky", "LeakyReLU or ELU, which keep a gradient for negative inputs")
         if not f["he"]:

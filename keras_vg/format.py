@@ -11,10 +11,10 @@ See `docs/FORMAT.md` for the human-readable description.
 |-----------------------|----------|-------------------------------------------------|
 | `grad_norm`           | variable | L2 norm of the gradient                         |
 | `grad_max_abs`        | variable | largest absolute gradient value                 |
-| `grad_nonfinite`      | variable | NaN/inf count, summed since the last record     |
+| `grad_nonfinite`      | variable | NaN/inf count of the recorded step's gradient   |
 | `weight_norm`         | variable | L2 norm of the variable before the update       |
 | `update_ratio`        | variable | ‖w_after − w_before‖ / ‖w_before‖ (NaN: undefined) |
-| `dead_fraction`       | layer    | fraction of units that never fired since last record |
+| `dead_fraction`       | layer    | fraction of units that passed no gradient on the step's batch |
 | `saturation_fraction` | layer    | fraction of the step's activations near an asymptote |
 | `global_grad_norm`    | scalar   | L2 norm over all gradients, before clipping     |
 | `global_grad_norm_clipped` | scalar | L2 norm over all gradients, after AutoClip    |
@@ -28,7 +28,7 @@ import json
 PLUGIN_NAME = "keras_vg"
 """Plugin name in `SummaryMetadata.plugin_data` (TensorBoard wants `[A-Za-z0-9_-]+`)."""
 
-FORMAT_VERSION = "1.1"
+FORMAT_VERSION = "2.0"
 """`major.minor`. Readers accept any minor of their own major, and refuse newer majors."""
 
 AXIS_VARIABLE = "variable"
@@ -74,7 +74,7 @@ SCALARS_GLOBAL_NORM_TAG = "gradients/global_norm"
 SCALARS_GLOBAL_NORM_CLIPPED_TAG = "gradients/global_norm_clipped"
 """A plain scalar copy of `global_grad_norm_clipped` (format 1.1)."""
 
-EVENT_KINDS = ("alert", "clip_on", "clip_off", "skip", "warning")
+EVENT_KINDS = ("alert", "clip_on", "clip_off", "skip", "warning", "nonfinite")
 
 
 class FormatError(ValueError):
@@ -186,6 +186,42 @@ def check_version(version):
         )
     if major < 1:
         raise FormatError(f"Unknown keras-vg format version: {version!r}")
+
+
+def merge_names(lists):
+    """Merges lists of variable or layer names, keeping the model order of each.
+
+    A run whose variables changed between two `fit` calls (layers unfrozen,
+    or frozen) holds several lists; readers show their union. A name new to
+    the merge goes just before the next name it precedes in its own list, or
+    at the end.
+
+    Args:
+        lists: Lists of names, oldest first.
+
+    Returns:
+        One list of names.
+
+    Example:
+
+    >>> merge_names([["a", "c"], ["a", "b", "c", "d"]])
+    ['a', 'b', 'c', 'd']
+    """
+    merged = list(lists[0]) if lists else []
+    for names in lists[1:]:
+        if list(names) == merged:
+            continue
+        known, pending = set(merged), []
+        for name in names:
+            if name in known:
+                position = merged.index(name)
+                merged[position:position] = pending
+                pending = []
+            else:
+                pending.append(name)
+                known.add(name)
+        merged += pending
+    return merged
 
 
 def encode_json(value):

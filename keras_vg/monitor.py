@@ -1,6 +1,6 @@
 """`GradientMonitor`: the callback users add to `model.fit`."""
 
-import math
+import importlib
 import os
 import sys
 import time
@@ -12,6 +12,12 @@ import numpy as np
 from keras_vg import _keras_compat
 from keras_vg import format as fmt
 from keras_vg.event_writer import EventWriter
+
+TAPS = {"tensorflow": ("keras_vg.tap", "Tap"), "jax": ("keras_vg.jax_tap", "JaxTap")}
+"""The tap that records in each Keras backend's train step."""
+
+DEFAULT_EVERY = 25
+"""The cadence a monitor records at unless told otherwise (see `GradientMonitor`'s `every`)."""
 
 READ_BATCH_RECORDS = 32
 """The host reads the device buffers once this many records are pending..."""
@@ -26,21 +32,37 @@ class GradientMonitor(keras.callbacks.Callback):
     The statistics (see `keras_vg.format`) are computed from the gradients the
     optimizer actually receives, inside the compiled train step: unscaled under
     mixed precision, summed over replicas under `tf.distribute`, before any
-    clipping. They are read back every `every` steps and written as event
-    files into `log_dir`, which TensorBoard shows as one run.
+    clipping. Each is the recorded step's own value. They are read back in
+    batches and written as event files into `log_dir`, which TensorBoard shows
+    as one run.
+
+    Steps that record nothing run the train function Keras would run without
+    the monitor: between records it costs nothing. Record steps run a second,
+    instrumented function, traced once. Non-finite losses, weights and
+    loss-scale collapses between records are still noticed, from what
+    training computes anyway, and reported with the steps they happened
+    between.
 
     When an episode of vanishing, exploding, non-finite or dead units starts,
     the monitor prints one warning; at the end of training it prints a short
     summary of which layers and which steps.
 
+    Steps are the optimizer's `iterations` before the update. Within one
+    `log_dir` they only go forward: a later `fit` whose optimizer starts
+    again from 0 (a recompile) continues after the last step recorded.
+
     Args:
         log_dir: Directory for the event files; one TensorBoard run. It may be
             the same `log_dir` as a `keras.callbacks.TensorBoard`, which
             writes into its `train/` and `validation/` subdirectories.
-        every: Record every `every`-th optimizer step. Defaults to `1`.
+        every: Record every `every`-th optimizer step. The default, 25, keeps
+            the monitor's cost within about 1% of a training step on the
+            reference models of docs/PERFORMANCE.md (a record step costs a
+            few passes over the parameters plus writing the record), while
+            a 1,000-step run still gets 40 records. Defaults to `25`.
         stats: Names of the statistics to record, from
-            `keras_vg.format.STATS`, or None for all. Only the work that
-            the statistics asked for need is done. Defaults to `None`.
+            `keras_vg.format.MONITOR_STATS`, or None for all. Only the work
+            that the statistics asked for need is done. Defaults to `None`.
         saturation_epsilon: A sigmoid or tanh activation within this distance
             of an asymptote counts as saturated. Defaults to `0.01`.
         thresholds: A `keras_vg.detect.Thresholds` for the warnings, or None
@@ -53,13 +75,13 @@ class GradientMonitor(keras.callbacks.Callback):
     Example:
 
     ```python
-    monitor = keras_vg.GradientMonitor(log_dir="logs/run1", every=10)
+    monitor = keras_vg.GradientMonitor(log_dir="logs/run1")
     model.fit(x, y, epochs=5, callbacks=[monitor])
     steps, names, values = keras_vg.read_run("logs/run1").stat("grad_norm")
     ```
     """
 
-    def __init__(self, log_dir, every=1, stats=None, saturation_epsilon=0.01,
+    def __init__(self, log_dir, every=DEFAULT_EVERY, stats=None, saturation_epsilon=0.01,
                  thresholds=None, verbose=1, flush_secs=10):
         super().__init__()
         if not isinstance(log_dir, (str, os.PathLike)) or not os.fspath(log_dir):
@@ -100,76 +122,63 @@ class GradientMonitor(keras.callbacks.Callback):
         self.verbose = verbose
         self.flush_secs = flush_secs
         self.tap = None
+        self._trained = None  # the model being trained (see set_model)
+        self._plain = None  # Keras's own train function
+        self._instrumented = None
         self._writer = None
         self._detector = None
-        self._traced_train_function = None
+        self._watch = None
         self._autoclip = None
 
     # Keras hooks ---------------------------------------------------------------
 
+    def set_model(self, model):
+        super().set_model(model)
+        # Keras's `Callback.model` writes the whole JAX training state back into the variables
+        # on every access (and has the next step gather it again): the hooks use this instead.
+        self._trained = model
+
     def on_train_begin(self, logs=None):
         self._failed = False
+        self._recording = False
         self._host_weight_norms = False
-        self._host_step = self._start_step = 0
-        self._epoch_offset = None
-        self._pending = 0
+        self._sync = None  # (batch, iterations): the optimizer's count at a batch of this epoch
+        self._next_iterations = None  # the count at the next epoch's first batch, when known
+        self._pending = 0  # records made since the last read
         self._last_read = time.monotonic()
-        self._checked_apply = False
+        # Every process runs the same steps (the functions chosen must match), but the records are
+        # the same global ones everywhere: one process reads and writes them.
+        self._primary = _keras_compat.is_primary_process()
         self._writer = EventWriter(self.log_dir, flush_secs=self.flush_secs)
         self._guard(self._begin)
         self._guard(self._lend_writer_to_autoclip)
 
-    def on_epoch_begin(self, epoch, logs=None):
-        self._epoch_offset = None  # the host step of this epoch's batch 0, known at its first batch
-
     def on_train_batch_begin(self, batch, logs=None):
         # A batch-begin hook, not batch-end: Keras waits for the device after every step
         # for callbacks with a batch-end hook, to give them the logs; this one needs none.
-        if self._epoch_offset is None:
-            self._epoch_offset = self._host_step - batch
-        self._account(self._epoch_offset + batch)
+        if not self._recording:
+            return
+        if self._sync is None:
+            self._guard(lambda: self._start_epoch(batch))
+        elif self.tap is not None and self._primary and (self._pending >= READ_BATCH_RECORDS or (
+            self._pending and time.monotonic() - self._last_read >= READ_INTERVAL_SECS
+        )):
+            self._guard(lambda: self._read(batch))
+        if self._recording:
+            self._guard(lambda: self._choose_function(batch))
 
     def on_epoch_end(self, epoch, logs=None):
-        if self._is_recording():
+        if self._recording:
             # The epoch's last steps are only known here: one read of the step counter per epoch.
-            self._guard(lambda: self._account(self._steps_done()))
-        # An exception in a later epoch skips on_train_end; what is recorded must be on disk.
-        if self.tap is not None and not self._failed and self._pending:
-            self._guard(self._read_and_write)
+            self._guard(self._end_epoch)
         if self._writer is not None:
             self._guard(self._writer.flush)
 
-    def _account(self, steps_done):
-        """Counts the steps run so far and reads the records when enough are waiting."""
-        if not self._is_recording():
-            return
-        previous, self._host_step = self._host_step, steps_done
-        if self.tap is not None and not self._checked_apply and steps_done > self._start_step:
-            self._checked_apply = True
-            if self.tap.trace_count == 0:
-                self._guard(self._no_apply_fallback)
-        # Record steps are multiples of `every`; count those among the steps just run.
-        self._pending += (self._host_step - 1) // self.every - (previous - 1) // self.every
-        if self.tap is None:
-            if self._pending:
-                self._pending = 0
-                self._guard(self._write_host_weight_norms)
-        elif self._pending >= READ_BATCH_RECORDS or (
-            self._pending and time.monotonic() - self._last_read >= READ_INTERVAL_SECS
-        ):
-            self._guard(self._read_and_write)
-
-    def _is_recording(self):
-        return not self._failed and (self.tap is not None or self._host_weight_norms)
-
-    def _steps_done(self):
-        # Without a tap (a train_step that never calls apply) the counter may not move.
-        optimizer = _keras_compat.applying_optimizer(self.model.optimizer)
-        return max(self._host_step, int(np.asarray(optimizer.iterations)))
-
     def on_train_end(self, logs=None):
-        if self.tap is not None and not self._failed:
-            self._guard(self._read_and_write)
+        if self._recording:
+            self._guard(self._end_epoch)
+        if self._plain is not None and self._trained is not None and self._trained.train_function is self._instrumented:
+            self._trained.train_function = self._plain  # a later fit starts from Keras's own function
         if self._autoclip is not None:
             # AutoClip's own on_train_end may come after this one: take its last records first.
             self._guard(self._autoclip.write_pending)
@@ -180,103 +189,216 @@ class GradientMonitor(keras.callbacks.Callback):
         if self.verbose and self._detector is not None:
             self._guard(self._print_summary)
 
-    def _print_summary(self):
-        summary = self._detector.summary()
-        if summary:
-            print(f"keras-vg summary ({self.log_dir}):\n{summary}", file=sys.stderr)
-
     # Work ------------------------------------------------------------------------
 
     def _begin(self):
-        from keras_vg.model_summary import summarize_model
-
-        if keras.backend.backend() != "tensorflow":
+        if keras.backend.backend() not in TAPS:
             self._fail_softly(
-                f"GradientMonitor records inside the TensorFlow train step; the "
+                f"GradientMonitor records inside the train step of Keras's TensorFlow and JAX backends; the "
                 f"{keras.backend.backend()!r} backend is not supported. Nothing is recorded."
             )
             return
-        optimizer = getattr(self.model, "optimizer", None)
+        optimizer = getattr(self._trained, "optimizer", None)
         if not isinstance(optimizer, keras.optimizers.Optimizer):
             self._fail_softly(
                 "GradientMonitor needs a Keras optimizer (model.compile(optimizer=...)). "
                 f"Received: {type(optimizer).__name__}. Nothing is recorded."
             )
             return
-        if not self.model.trainable_variables:
-            self._fail_softly("The model has no trainable variables yet; nothing is recorded.")
-            return
-        steps_per_execution = int(getattr(self.model, "steps_per_execution", 1) or 1)
+        self._recording = True
+
+    def _start_epoch(self, batch):
+        """At the first batch of an epoch: the step count, and at the first of a fit, the functions."""
+        if self._next_iterations is None:
+            self._next_iterations = self._iterations()
+        self._sync = (batch, self._next_iterations)
+        self._next_iterations = None
+        if not self._host_weight_norms and (self.tap is None or not self.tap.is_model(self._trained)
+                                            or self._trained.train_function not in (self._plain, self._instrumented)):
+            self._start_phase()
+        self._watch.start_epoch(self._logged(self._sync[1]))
+
+    def _start_phase(self):
+        """Sets up recording for the model as compiled now: a new tap and its own train function."""
+        from keras_vg.detect import StreamingDetector
+        from keras_vg.nonfinite_watch import NonfiniteWatch
+        from keras_vg.reader import latest_records
+
+        if self.tap is not None:
+            self._read_and_write()  # what the previous compile recorded, under its own offset
+            self.tap.uninstall()
+        steps_per_execution = int(getattr(self._trained, "steps_per_execution", 1) or 1)
         # Room for a full read batch plus the records of the execution that completes it.
-        capacity = READ_BATCH_RECORDS + math.ceil(steps_per_execution / self.every) + 1
-        if not self._tap_is_reusable(capacity):
-            self._install_tap(capacity)
-        step = int(np.asarray(self.tap.optimizer.iterations))
-        self._host_step = self._start_step = step
-        self._writer.write_json(fmt.MODEL_NAME, step, summarize_model(self.model))
+        capacity = READ_BATCH_RECORDS + -(-steps_per_execution // self.every) + 1
+        if keras.backend.backend() != "tensorflow":
+            from keras_vg.reader import tensorboard_without_tensorflow
+
+            tensorboard_without_tensorflow()  # for the event files; training here needs no TensorFlow
+        module, name = TAPS[keras.backend.backend()]
+        tap_class = getattr(importlib.import_module(module), name)  # imports only the backend in use
+        self.tap = tap_class(self._trained, self.every, capacity, self.stats, self.saturation_epsilon)
+        self.tap.install()
+        self._plain = self._trained.train_function  # Keras's own (which a tap may have had Keras rebuild)
+        self._instrumented = self.tap.make_train_function()
+        self._detector = StreamingDetector(self.thresholds)
+        self._watch = NonfiniteWatch(self._trained)
+        last_step, last_summary = latest_records(self.log_dir)
+        # Within one log_dir steps only go forward: an optimizer that starts again from 0
+        # (a recompile) or from an older checkpoint continues after the last step recorded.
+        self._offset = 0 if last_step is None else max(0, last_step + 1 - self._sync[1])
+        self._summary_pending = True
+        self._phase_start = self._sync[1]
+        self._previous_summary = last_summary
+        self._first_instrumented = None
+
+    def _iterations(self):
+        return int(_keras_compat.read_variable(self._trained, self._trained.optimizer.iterations))
+
+    def _logged(self, iterations):
+        return iterations + self._offset
+
+    def _choose_function(self, batch):
+        """Runs the instrumented function for an execution that holds a record step, else Keras's own."""
+        self._last_batch = batch + int(getattr(self._trained, "steps_per_execution", 1) or 1) - 1
+        start = self._sync[1] + batch - self._sync[0]
+        self._check_after_first_record()
+        if self._summary_pending and self._primary and self._trained.trainable_variables:
+            self._write_summary()
+        steps = int(getattr(self._trained, "steps_per_execution", 1) or 1)
+        records = (start + steps - 1) // self.every - (start - 1) // self.every
+        if self.tap is None:
+            if records and self._host_weight_norms and self._primary:
+                self._write_host_weight_norms(self._logged(start))
+            return
+        chosen = self._instrumented if records else self._plain
+        if self._trained.train_function is not chosen:  # Keras's attribute tracking costs a millisecond
+            self._trained.train_function = chosen
+        if records and self._first_instrumented is None:
+            self._first_instrumented = start
+        self._pending += records
+
+    def _check_after_first_record(self):
+        """After the first instrumented execution ran: did the train step reach the optimizer?"""
+        if self._first_instrumented is None or self._first_instrumented is False:
+            return
+        self._first_instrumented = False
+        if self.tap.applied:
+            return
+        if not self._trained.trainable_variables:
+            self._fail_softly("The model has no trainable variables; GradientMonitor records nothing.")
+            return
+        self._fail_softly(
+            "GradientMonitor saw no call to optimizer.apply() in the train step "
+            "(a custom train_step that updates weights some other way?). Gradient, "
+            "update and activation statistics cannot be recorded; only weight norms "
+            "are, read from the host."
+        )
+        self._recording = self._host_weight_norms = True
+
+    def _write_summary(self):
+        """The model summary, once its variables exist (after the first step, for a model built then)."""
+        from keras_vg.model_summary import summarize_model
+
+        self._summary_pending = False
+        summary = summarize_model(self._trained)
+        self._warn_if_other_model(summary)
+        summary["step_offset"] = self._offset
+        self._writer.write_json(fmt.MODEL_NAME, self._logged(self._phase_start), summary)
         self._writer.flush()
+        self._detector.set_model(summary)  # the live warnings judge layers as the report does
+
+    def _warn_if_other_model(self, summary):
+        previous = self._previous_summary
+        if previous is None:
+            return
+        classes = [layer["class"] for layer in summary["layers"]]
+        previous_classes = [layer["class"] for layer in previous.get("layers", [])]
+        paths = {path for layer in summary["layers"] for path in layer["variables"]}
+        previous_paths = {path for layer in previous.get("layers", []) for path in layer.get("variables", [])}
+        if classes != previous_classes and not paths & previous_paths:
+            warnings.warn(
+                f"`log_dir` {self.log_dir!r} already holds records of another model ({previous.get('name')!r}, "
+                f"{len(previous_classes)} layers; this one is {summary['name']!r}, {len(classes)} layers). "
+                f"The new records continue its step axis at step {self._logged(self._phase_start)}; nothing "
+                "recorded before is lost. Give each experiment a log_dir of its own to keep their runs apart.",
+                stacklevel=2,
+            )
+
+    def _read(self, batch):
+        """Reads the records and re-counts the steps from the optimizer, before `batch` runs."""
+        predicted = self._sync[1] + batch - self._sync[0]
+        iterations = self._iterations()
+        self._sync = (batch, iterations)
+        self._read_and_write(self._logged(iterations), skipped_steps=max(0, predicted - iterations))
+
+    def _end_epoch(self):
+        iterations = self._iterations()
+        if self._host_weight_norms and self._sync is not None:
+            # A train step that bypasses the optimizer does not advance its count: count the batches.
+            iterations = self._sync[1] + self._last_batch + 1 - self._sync[0]
+        self._next_iterations = iterations
+        self._sync = None
+        if self.tap is not None and self._primary:
+            self._read_and_write(self._logged(iterations))
 
     def _lend_writer_to_autoclip(self):
         """Has the model's `AutoClip`, if any, write its records and events into this run."""
+        if "keras_vg.clipping" not in sys.modules:
+            return  # no AutoClip was made, and importing clipping would import TensorFlow
         from keras_vg.clipping import autoclip_for
 
-        clip = autoclip_for(self.model)
+        clip = autoclip_for(self._trained)
         if clip is not None and clip.log_dir is None:
-            clip.write_into(self._writer, with_global_norm="global_grad_norm" not in self.stats or self.tap is None)
+            clip.write_into(self._writer,
+                            with_global_norm="global_grad_norm" not in self.stats or not self._recording)
             self._autoclip = clip
-
-    def _tap_is_reusable(self, capacity):
-        """A later fit of the same model reuses the traced function: no retrace per fit."""
-        tap = self.tap
-        return (
-            tap is not None
-            and tap.model is self.model
-            and self.model.train_function is self._traced_train_function
-            and tap.capacity >= capacity
-            and [id(v) for v in tap.variables] == [id(v) for v in self.model.trainable_variables]
-        )
-
-    def _install_tap(self, capacity):
-        from keras_vg.detect import StreamingDetector
-        from keras_vg.tap import Tap
-
-        if self.tap is not None:
-            self.tap.uninstall()
-        self.tap = Tap(self.model, self.every, capacity, self.stats, self.saturation_epsilon)
-        self.tap.install()
-        # A train function traced before the wrapping would not see it.
-        self.model.make_train_function(force=True)
-        self._traced_train_function = self.model.train_function
-        self._detector = StreamingDetector(self.thresholds)
 
     def close(self):
         """Removes the tap from the model, so that a later `fit` runs exactly as without keras-vg.
 
-        Until then, a `fit` without this callback still runs the tap's few
-        reductions (nothing is written). Calling `close` twice is harmless.
+        Until then, the optimizer and activation layers keep wrappers that
+        pass straight through outside the monitor's own train function.
+        Calling `close` twice is harmless.
         """
         if self.tap is not None:
             self.tap.uninstall()
-            if self.model is not None and self.model.train_function is self._traced_train_function:
-                self.model.make_train_function(force=True)
+            if self._trained is not None and self._trained.train_function is self._instrumented:
+                self._trained.train_function = self._plain
         self.tap = None
-        self._traced_train_function = None
+        self._plain = self._instrumented = None
         if self._writer is not None:
             self._writer.close()
 
-    def _read_and_write(self):
+    def _read_and_write(self, next_step=None, skipped_steps=0):
+        """Writes the records made since the last read, and the events they and the steps since show.
+
+        Args:
+            next_step: The (logged) step about to run, to look for non-finite
+                steps since the last record; None not to look.
+            skipped_steps: Steps run since the last read that did not advance
+                the optimizer's count.
+        """
         self._pending = 0
         self._last_read = time.monotonic()
-        records = self.tap.read_new()
-        if not records:
-            return
-        names = {name: self.tap.names_for(name) for name in self.stats if name in records[0][1]}
-        for step, values in records:
-            self._write_record(step, values, names)
-        # One vectorised pass of the rules over the whole batch of records.
-        steps = np.array([step for step, _ in records])
-        stacked = {name: np.stack([values[name] for _, values in records]) for name in names}
-        self._report(self._detector.observe_many(steps, stacked, names))
+        if self._summary_pending and self._trained.trainable_variables:
+            self._write_summary()  # before the detector judges layers by it
+        records = [(self._logged(step), values) for step, values in self.tap.read_new()]
+        events = self._watch.check_records(records)
+        if next_step is not None:
+            events += self._watch.check(next_step, skipped_steps)
+        if records:
+            names = {name: self.tap.names_for(name) for name in self.stats if name in records[0][1]}
+            for step, values in records:
+                self._write_record(step, values, names)
+            # One vectorised pass of the rules over the whole batch of records.
+            steps = np.array([step for step, _ in records])
+            stacked = {name: np.stack([values[name] for _, values in records]) for name in names}
+            events += [{"kind": "alert", "step": episode.first_step, "message": episode.message}
+                       for episode in self._detector.observe_many(steps, stacked, names)]
+        for event in events:
+            self._writer.write_json(fmt.EVENTS_NAME, event["step"], [event])
+            if self.verbose:
+                print(f"keras-vg warning: {event['message']}", file=sys.stderr)
 
     def _write_record(self, step, values, names):
         record = {
@@ -288,34 +410,26 @@ class GradientMonitor(keras.callbacks.Callback):
             scalars[fmt.SCALARS_GLOBAL_NORM_TAG] = values["global_grad_norm"]
         self._writer.write_record(step, record, scalars)
 
-    def _report(self, episodes):
-        """Writes an alert event at the step each new episode starts, and warns once about it."""
-        for episode in episodes:
-            event = {"kind": "alert", "step": episode.first_step, "message": episode.message}
-            self._writer.write_json(fmt.EVENTS_NAME, episode.first_step, [event])
-            if self.verbose:
-                print(f"keras-vg warning: {episode.message}", file=sys.stderr)
+    def _print_summary(self):
+        summary = self._detector.summary()
+        if summary:
+            print(f"keras-vg summary ({self.log_dir}):\n{summary}", file=sys.stderr)
 
-    def _no_apply_fallback(self):
-        self._fail_softly(
-            "GradientMonitor saw no call to optimizer.apply() in the train step "
-            "(a custom train_step that updates weights some other way?). Gradient, "
-            "update and activation statistics cannot be recorded; only weight norms "
-            "are, read from the host."
-        )
-        self._host_weight_norms = True
-
-    def _write_host_weight_norms(self):
-        variables = self.model.trainable_variables
-        norms = [float(np.linalg.norm(np.asarray(v, dtype=np.float64))) for v in variables]
-        self._writer.write_stat("weight_norm", self._host_step - 1, norms, [v.path for v in variables])
+    def _write_host_weight_norms(self, step):
+        variables = self._trained.trainable_variables
+        norms = [float(np.linalg.norm(_keras_compat.read_variable(self._trained, v).astype(np.float64)))
+                 for v in variables]
+        self._writer.write_stat("weight_norm", step, norms, [v.path for v in variables])
 
     def _fail_softly(self, message):
         warnings.warn(message, stacklevel=3)
+        self._recording = False
         if self.tap is not None:
             self.tap.uninstall()
+            if self._trained is not None and self._trained.train_function is self._instrumented:
+                self._trained.train_function = self._plain
         self.tap = None
-        self._traced_train_function = None
+        self._instrumented = None
 
     def _guard(self, work):
         """Runs host-side work; a failure warns once and never stops the user's fit."""
@@ -324,6 +438,9 @@ class GradientMonitor(keras.callbacks.Callback):
         except Exception as error:  # noqa: BLE001 - monitoring must not kill training
             if not self._failed:
                 self._failed = True
+                self._recording = False
+                if self._trained is not None and self._plain is not None:
+                    self._trained.train_function = self._plain
                 warnings.warn(
                     f"GradientMonitor stopped recording after an error: {type(error).__name__}: {error}. "
                     "Training goes on; records written so far are kept.",

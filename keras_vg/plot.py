@@ -1,11 +1,15 @@
 """The layers x steps heatmap, drawn with matplotlib (for notebooks and `keras-vg plot`).
 
-The same picture as the TensorBoard plugin's heatmap: one row per variable in
-model order (input at the top), one column per recorded step, coloured by
-log10 of the statistic (viridis). The cells `keras_vg.detect` classifies are
-marked with patterns so that they stand out in print: vanishing hatched in
-white, exploding outlined in red, non-finite filled magenta; for per-layer
-statistics, dead units cross-hatched and saturated ones back-hatched.
+The same picture as the TensorBoard plugin's heatmap: one row per layer (or,
+with `by="variable"`, per variable) in model order (input at the top), one
+column per recorded step, coloured by log10 of the statistic (viridis; the
+two fractions on a linear 0-1 scale). The cells `keras_vg.detect` classifies
+are marked with the patterns of `keras_vg.heatmap_marks.MARKS`, so that they
+stand out in print: vanishing hatched (`///`), exploding cross-hatched and
+outlined in red, non-finite magenta with dots; for the per-layer activation
+statistics, dead layers hatched vertically (`|||`) and saturated ones
+back-hatched (`\\\\\\`). A layer row shows the most serious class of its
+variables (`keras_vg.heatmap_marks`). The legend names every mark drawn.
 
 matplotlib is imported here only, on first use: `keras_vg` does not need it
 otherwise.
@@ -19,24 +23,27 @@ Example:
 
 import numpy as np
 
-from keras_vg import detect
+from keras_vg import detect, heatmap_marks, layer_stats
 from keras_vg import format as fmt
 
-FRACTION_STATS = ("dead_fraction", "saturation_fraction")
+FRACTION_STATS = fmt.ACTIVATION_STATS  # fractions in [0, 1]: a linear colour scale
 NON_FINITE_COLOUR = "magenta"
 UNDEFINED_COLOUR = "0.8"  # grey: an undefined update ratio, or no record
 
-# Class code -> how its cells are marked: (hatch, face colour, edge colour).
-_MARKS = {
-    detect.VANISHING: ("///", "none", "white"),
-    detect.EXPLODING: ("", "none", "red"),
-    detect.NONFINITE: ("", NON_FINITE_COLOUR, NON_FINITE_COLOUR),
-    detect.DEAD: ("xx", "none", "white"),
-    detect.SATURATED: ("\\\\\\", "none", "white"),
+# How matplotlib draws each pattern of `heatmap_marks.MARKS`: (hatch, face colour, edge colour).
+# The edge colour is the hatch's; only exploding cells also get an outline. Vanishing cells
+# are dark, so white lines; dead and saturated ones (fractions >= 0.5) are bright, so black.
+_PATTERNS = {
+    "diagonal": ("///", "none", "white"),
+    "cross": ("xx", "none", "red"),
+    "dots": ("..", NON_FINITE_COLOUR, "black"),
+    "vertical": ("|||", "none", "black"),
+    "antidiagonal": ("\\\\\\", "none", "black"),
 }
+_OUTLINED = ("exploding",)
 
 
-def plot_run(run, stat="grad_norm", path=None, ax=None, thresholds=None):
+def plot_run(run, stat="grad_norm", path=None, ax=None, thresholds=None, by="layer"):
     """Draws a run's heatmap of one statistic, with the detected regions marked.
 
     Args:
@@ -49,30 +56,38 @@ def plot_run(run, stat="grad_norm", path=None, ax=None, thresholds=None):
             Defaults to `None`.
         thresholds: A `keras_vg.detect.Thresholds` for the marks, or None
             for the defaults. Defaults to `None`.
+        by: `"layer"` for one row per layer (a per-variable statistic
+            combined as `Run.stat(stat, by="layer")` combines it), or
+            `"variable"` for one row per variable. Per-layer statistics have
+            layer rows either way. Defaults to `"layer"`.
 
     Returns:
         The matplotlib `Figure`. A new figure is not registered with pyplot,
         so a notebook shows it once, as the cell's value.
 
     Raises:
-        ValueError: if `stat` is a scalar statistic or unknown.
-        KeyError: if the run did not record `stat`.
+        ValueError: if `stat` is a scalar statistic or unknown, or `by` is
+            neither `"layer"` nor `"variable"`.
+        KeyError: if the run did not record `stat` (or, for `update_ratio`
+            per layer, `weight_norm`).
 
     Example:
 
     >>> fig = plot_run(read_run("logs/run1"), path="heatmap.png")   # doctest: +SKIP
+    >>> fig = plot_run(read_run("logs/run1"), by="variable")         # doctest: +SKIP
     """
     if fmt.axis_of(stat) not in (fmt.AXIS_VARIABLE, fmt.AXIS_LAYER):
         per = [s for s in fmt.STATS if fmt.axis_of(s) in (fmt.AXIS_VARIABLE, fmt.AXIS_LAYER)]
         raise ValueError(f"`stat` must be a per-variable or per-layer statistic, one of {per}. "
                          f"Received: stat={stat!r}")
+    heatmap_marks.check_view(by)
     from matplotlib import colors, patches
     from matplotlib.collections import PatchCollection
     from matplotlib.figure import Figure
     from matplotlib.ticker import FuncFormatter, MaxNLocator
 
-    steps, names, values = run.stat(stat)
-    codes = _codes(run, stat, steps, names, thresholds)
+    steps, names, values = run.stat(stat, by=by)
+    codes = _codes(run, stat, by, steps, names, thresholds)
     T, N = values.shape
 
     if ax is None:
@@ -87,23 +102,29 @@ def plot_run(run, stat="grad_norm", path=None, ax=None, thresholds=None):
     low, high = (0.0, 1.0) if linear else _range(finite)
     if not linear:
         shown = np.where(values == 0, low, shown)  # an exact 0 (a dead layer) is the lowest colour
-    cmap = colors.ListedColormap(_viridis()).with_extremes(
-        bad=UNDEFINED_COLOUR if stat in ("update_ratio",) + FRACTION_STATS else NON_FINITE_COLOUR)
+    absent = stat in heatmap_marks.NAN_IS_ABSENT
+    cmap = colors.ListedColormap(_viridis()).with_extremes(bad=UNDEFINED_COLOUR if absent else NON_FINITE_COLOUR)
     image = ax.imshow(np.ma.masked_invalid(shown.T), aspect="auto", interpolation="nearest", cmap=cmap,
                       vmin=low, vmax=high, extent=(-0.5, T - 0.5, N - 0.5, -0.5))
     colorbar = figure.colorbar(image, ax=ax, pad=0.01)
     colorbar.set_label(stat if linear else f"log10 {stat}")
 
     legend = []
-    for code, (hatch, face, edge) in _MARKS.items():
+    for code in heatmap_marks.classes_shown(stat):
+        name = detect.CLASS_NAMES[code]
+        hatch, face, edge = _PATTERNS[heatmap_marks.MARKS[name]]
         boxes = [patches.Rectangle((start - 0.5, row - 0.5), stop - start, 1.0)
                  for row, start, stop in _runs(codes == code)]
         if not boxes:
             continue
         ax.add_collection(PatchCollection(boxes, facecolor=face, edgecolor=edge, hatch=hatch,
-                                          linewidth=1.0 if code == detect.EXPLODING else 0.0))
+                                          linewidth=1.0 if name in _OUTLINED else 0.0))
         legend.append(patches.Patch(facecolor="0.4" if face == "none" else face, edgecolor=edge,
-                                    hatch=hatch, label=detect.CLASS_NAMES[code]))
+                                    hatch=hatch, label=name))
+    if np.isnan(values).any() or (not absent and np.isinf(values).any()):
+        # The colour of values that have none on the scale.
+        legend.append(patches.Patch(facecolor=UNDEFINED_COLOUR if absent else NON_FINITE_COLOUR,
+                                    label="undefined / no record" if absent else "non-finite value"))
     if legend:
         # Above the cells, beside the title, so that it hides none of them.
         ax.legend(handles=legend, loc="lower right", bbox_to_anchor=(1.0, 1.0), ncol=len(legend),
@@ -117,27 +138,26 @@ def plot_run(run, stat="grad_norm", path=None, ax=None, thresholds=None):
     ax.set_yticks(range(0, N, every))
     ax.set_yticklabels([_short(names[i]) for i in range(0, N, every)], fontsize="small")
     ax.set_xlabel("step")
-    ax.set_ylabel("variable" if fmt.axis_of(stat) == fmt.AXIS_VARIABLE else "layer")
-    ax.set_title(f"{stat}: {run.log_dir}", fontsize="medium", loc="left")
+    rows = "variable" if fmt.axis_of(stat) == fmt.AXIS_VARIABLE and by == "variable" else "layer"
+    ax.set_ylabel(rows)
+    ax.set_title(f"{stat} per {rows}: {run.log_dir}", fontsize="medium", loc="left")
     if path is not None:
         figure.savefig(path)
     return figure
 
 
-def _codes(run, stat, steps, names, thresholds):
-    """`detect`'s classes aligned to the statistic's `[T, N]` cells (0 where none)."""
-    grid_name = "variables" if fmt.axis_of(stat) == fmt.AXIS_VARIABLE else "layers"
-    grid = getattr(detect.classify(run, thresholds), grid_name)
-    codes = np.zeros((len(steps), len(names)), np.int8)
-    if not len(grid.steps) or not len(grid.names):
-        return codes
-    column = {name: i for i, name in enumerate(grid.names)}
-    cols = [i for i, name in enumerate(names) if name in column]
-    rows = np.searchsorted(grid.steps, steps)
-    found = rows < len(grid.steps)
-    found[found] = grid.steps[rows[found]] == steps[found]
-    codes[np.ix_(found, cols)] = grid.codes[np.ix_(rows[found], [column[names[i]] for i in cols])]
-    return codes
+def _codes(run, stat, by, steps, names, thresholds):
+    """`detect`'s classes on the heatmap's `[T, N]` cells (`keras_vg.heatmap_marks`)."""
+    classification = detect.classify(run, thresholds)
+    if by == "variable" or fmt.axis_of(stat) == fmt.AXIS_LAYER:
+        return heatmap_marks.cell_classes(classification, stat, steps, names)
+    _, variables, _ = run.stat(stat)
+    owners = layer_stats.variable_layers(variables, run.model())
+    layers, codes = heatmap_marks.by_layer(heatmap_marks.cell_classes(classification, stat, steps, variables),
+                                           owners)
+    # On the rows `Run.stat` gave: the same layers, unless a model summary of an earlier fit
+    # named some variables differently (the summary here is the last one).
+    return heatmap_marks.reindex(codes, steps, layers, steps, names, fill=0)
 
 
 def _runs(mask):

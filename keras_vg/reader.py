@@ -11,10 +11,25 @@ Example:
 
 import glob
 import os
+import sys
+import types
 
 import numpy as np
 
 from keras_vg import format as fmt
+
+
+def tensorboard_without_tensorflow():
+    """Has TensorBoard read and write event files with its pure-Python fallback in this process.
+
+    TensorBoard imports TensorFlow, when it is installed, only to iterate and
+    build records (seconds of start-up, and beside JAX a second framework in
+    the process); its fallback reads and writes the same files. The marker
+    module `tensorboard.compat.notf` asks for it (TensorBoard 2.21). Nothing
+    changes once TensorFlow is imported.
+    """
+    if "tensorflow" not in sys.modules:
+        sys.modules.setdefault("tensorboard.compat.notf", types.ModuleType("tensorboard.compat.notf"))
 
 
 def _event_files(directory):
@@ -58,34 +73,54 @@ class Run:
         """Returns the names of the statistics present, in `format.STATS` order."""
         return [name for name in fmt.STATS if name in self._series]
 
-    def stat(self, name):
+    def stat(self, name, by="variable"):
         """Returns one statistic over time.
 
         Args:
             name: A statistic name from `keras_vg.format.STATS`.
+            by: `"variable"` for the values as recorded, or `"layer"` to
+                combine a per-variable statistic into one value per layer
+                (`keras_vg.layer_stats`: norms as the root of the sum of
+                squares, maxima as the max, non-finite counts as the sum,
+                update ratios over the layer's variables together).
+                Per-layer and scalar statistics are the same either way.
+                Defaults to `"variable"`.
 
         Returns:
             `(steps, names, values)`: `steps` an int64 array `[T]`; `names`
             the list of `N` variable paths or layer names (empty for a
             scalar statistic); `values` a float32 array `[T, N]`, or `[T]`
-            for a scalar statistic. A name missing at some step (the model
-            changed between two `fit` calls) reads as NaN there.
+            for a scalar statistic. `names` is the union of the names
+            recorded over the run, in model order: where the trainable
+            variables changed between two `fit` calls (layers unfrozen or
+            frozen), a name not recorded at a step reads NaN there. With
+            `by="layer"`, `names` are layer names.
 
         Raises:
             KeyError: if the run has no such statistic; the message lists
                 those it has.
+            ValueError: for a `by` other than `"variable"` and `"layer"`.
+
+        Example:
+
+        >>> steps, layers, norms = read_run("logs/run1").stat("grad_norm", by="layer")  # doctest: +SKIP
         """
+        if by not in ("variable", "layer"):
+            raise ValueError(f'`by` must be "variable" or "layer". Received: by={by!r}')
         if name not in self._series:
             raise KeyError(
                 f"This run has no statistic {name!r}. Available: {self.stats()}. "
                 f"Known statistics: {list(fmt.STATS)}"
             )
+        if by == "layer" and fmt.axis_of(name) == fmt.AXIS_VARIABLE:
+            return self._by_layer(name)
         by_step = self._series[name]
         steps = np.array(sorted(by_step), dtype=np.int64)
         if fmt.axis_of(name) == fmt.AXIS_SCALAR:
             values = np.array([by_step[s][1].reshape(()) for s in steps], dtype=np.float32)
             return steps, [], values
-        names = list(self._metadata[name]["names"])
+        lists = {id(n): n for n, _ in (by_step[s] for s in steps)}  # one list per file, in step order
+        names = fmt.merge_names(list(lists.values()))
         index = {n: i for i, n in enumerate(names)}
         values = np.full((len(steps), len(names)), np.nan, dtype=np.float32)
         for row, step in enumerate(steps):
@@ -97,6 +132,28 @@ class Run:
                     if n in index:
                         values[row, index[n]] = v
         return steps, names, values
+
+    def _by_layer(self, name):
+        from keras_vg import layer_stats
+
+        steps, names, values = self.stat(name)
+        summaries = [summary for _, summary in self._json.get(fmt.MODEL_NAME, [])]
+        every_layer = [layer for summary in summaries for layer in summary.get("layers", [])]
+        layers = layer_stats.variable_layers(names, {"layers": every_layer})
+        weight_norm = None
+        if name == "update_ratio":
+            if "weight_norm" not in self._series:
+                raise KeyError("This run has no `weight_norm`, through which `update_ratio` combines by layer. "
+                               f"Available: {self.stats()}")
+            norm_steps, norm_names, norms = self.stat("weight_norm")
+            weight_norm = np.full(values.shape, np.nan, np.float32)
+            rows = {step: row for row, step in enumerate(norm_steps)}
+            columns = {n: i for i, n in enumerate(norm_names)}
+            for row, step in enumerate(steps):
+                if step in rows:
+                    weight_norm[row] = [norms[rows[step], columns[n]] if n in columns else np.nan for n in names]
+        layer_names, layer_values = layer_stats.by_layer(name, layers, values, weight_norm)
+        return steps, layer_names, layer_values
 
     def events(self):
         """Returns the recorded events (alerts, clipping on/off, skipped steps).
@@ -179,6 +236,42 @@ def _add_record(name, step, tensor, metadata, series, json_records):
     else:
         names = metadata.get("names", [])
         series.setdefault(name, {})[int(step)] = (names, np.asarray(array, dtype=np.float32))
+
+
+def latest_records(log_dir):
+    """The last step and the last model summary that keras-vg wrote into a run directory.
+
+    Writers call this when training starts, to continue the run's step axis
+    instead of writing over it. Only the newest event files are read: each
+    `fit` writes a file of its own, and steps only go forward.
+
+    Args:
+        log_dir: A run directory (it need not exist).
+
+    Returns:
+        A tuple `(last_step, model_summary)`: the largest step recorded (None
+        if nothing was) and the newest model summary (None if none).
+    """
+    from tensorboard.backend.event_processing.event_file_loader import RawEventFileLoader
+    from tensorboard.compat.proto import event_pb2
+
+    last_step, summary = None, None
+    model_tag = fmt.tag_for(fmt.MODEL_NAME)
+    ours = [path for path in _event_files(os.fspath(log_dir)) if path.endswith(".keras_vg")]
+    # Newest first by modification time: names hold the creating second only.
+    for path in sorted(ours, key=os.path.getmtime, reverse=True):
+        for record in RawEventFileLoader(path).Load():
+            event = event_pb2.Event.FromString(record)
+            tags = [value.tag for value in event.summary.value if fmt.name_for(value.tag) is not None]
+            if not tags:
+                continue
+            last_step = event.step if last_step is None else max(last_step, event.step)
+            for value in event.summary.value:
+                if value.tag == model_tag:
+                    summary = fmt.decode_json(value.tensor.string_val[0])
+        if last_step is not None:
+            break
+    return last_step, summary
 
 
 def find_runs(root):

@@ -6,8 +6,6 @@ context: it only builds reductions over the tensors it is given.
 
 import tensorflow as tf
 
-from keras_vg._keras_compat import unlowered_cond
-
 
 def dense_values(grad):
     """Returns what the statistics see of a gradient, as float32.
@@ -44,6 +42,9 @@ def squared_norms(tensors):
 def nonfinite_counts(tensors, sums_of_squares):
     """Counts NaN/inf values per tensor, scanning only when some sum is not finite.
 
+    The scan sits in a `tf.cond`, which TensorFlow lowers outside XLA: a
+    finite step pays a few dead nodes, not a second pass over the gradient.
+
     Args:
         tensors: A list of float32 tensors.
         sums_of_squares: Their `squared_norms`; a NaN or inf in a tensor
@@ -59,9 +60,7 @@ def nonfinite_counts(tensors, sums_of_squares):
             tf.math.count_nonzero(tf.logical_not(tf.math.is_finite(t)), dtype=tf.float32) for t in tensors
         ])
 
-    return unlowered_cond(
-        tf.reduce_all(tf.math.is_finite(sums_of_squares)), lambda: tf.zeros_like(sums_of_squares), count
-    )
+    return tf.cond(tf.reduce_all(tf.math.is_finite(sums_of_squares)), lambda: tf.zeros_like(sums_of_squares), count)
 
 
 def norms_and_max_abs(tensors, sums_of_squares, nonfinite):
@@ -71,7 +70,8 @@ def norms_and_max_abs(tensors, sums_of_squares, nonfinite):
     overflowed float32 or is so small that squares lost to underflow could
     matter: its norm is recomputed as `max_abs · ‖t / max_abs‖`, so a gradient
     of 1e20 reads 1e20 rather than inf and a vanishing one of 1e-25 reads
-    1e-25 rather than 0. Only those tensors pay for the second pass.
+    1e-25 rather than 0. Only a step that has such a tensor pays for the
+    second pass.
 
     Args:
         tensors: A list of float32 tensors.
@@ -92,21 +92,23 @@ def norms_and_max_abs(tensors, sums_of_squares, nonfinite):
     max_abs = _max_abs(tensors)
     # Squares below float32's smallest normal (~1.2e-38) are flushed to zero. Their total
     # stays under 1e-7 of the sum while the sum exceeds size · 1.2e-31.
-    sizes = tf.stack([tf.cast(tf.size(t), tf.float32) for t in tensors])
+    static = [t.shape.num_elements() for t in tensors]
+    if all(size is not None for size in static):
+        sizes = tf.constant(static, tf.float32)  # no op per tensor when the shapes are known
+    else:
+        sizes = tf.stack([tf.cast(tf.size(t), tf.float32) for t in tensors])
     exact = (tf.math.is_finite(sums_of_squares) & (sums_of_squares > sizes * 1.2e-31)) | (max_abs == 0) | (
         nonfinite > 0)
     plain = tf.sqrt(sums_of_squares)
 
     def rescaled():
-        def norm_of(t, i):
-            def again():
-                return max_abs[i] * tf.sqrt(2.0 * tf.nn.l2_loss(t / max_abs[i]))
+        # One more pass over every tensor, in the rare step that needs it: a branch per
+        # tensor costs more to trace and to run than the pass it saves.
+        scale = tf.where(max_abs > 0, max_abs, 1.0)
+        again = scale * tf.sqrt(2.0 * tf.stack([tf.nn.l2_loss(t / scale[i]) for i, t in enumerate(tensors)]))
+        return tf.where(exact, plain, again)
 
-            return tf.cond(exact[i], lambda: plain[i], again)
-
-        return tf.stack([norm_of(t, i) for i, t in enumerate(tensors)])
-
-    norms = unlowered_cond(tf.reduce_all(exact), lambda: plain, rescaled)
+    norms = tf.cond(tf.reduce_all(exact), lambda: plain, rescaled)
     return norms, max_abs
 
 
@@ -179,28 +181,38 @@ def change_ratios(weight_norms, change_norms):
     return tf.where(weight_norms > 0, change_norms / safe, float("nan"))
 
 
-def fired_units(outputs, unit_axis=-1):
-    """Marks, per unit, whether any output in a batch of activations is above 0.
+def passing_units(outputs, gate, unit_axis=-1):
+    """Marks, per unit, whether any output in a batch of activations passes gradient.
 
-    One reduction over the batch; a unit's marks summed over steps count the
-    steps in which it fired, and a sum of 0 means it never did.
+    One reduction over the batch (two for a gate bounded on both sides). A
+    unit marked 0 passes no gradient on any sample: it is dead on this batch.
 
     Args:
-        outputs: Activations of a ReLU-family layer.
+        outputs: Activations of a layer.
+        gate: A `keras_vg.layers.Gate`: outputs strictly between its `low`
+            and `high` (None: unbounded) pass gradient.
         unit_axis: The axis of the units (channels). Defaults to `-1`.
 
     Returns:
-        A float32 vector with one entry per unit: 1.0 if it fired, else 0.0.
+        A float32 vector with one entry per unit: 1.0 if it passed gradient,
+        else 0.0.
 
     Example:
 
-    >>> fired_units(tf.constant([[0.0, 2.0], [0.0, -1.0]])).numpy().tolist()
+    >>> from keras_vg.layers import Gate
+    >>> passing_units(tf.constant([[0.0, 2.0], [0.0, -1.0]]), Gate(0.0, None)).numpy().tolist()
     [0.0, 1.0]
     """
     rank = outputs.shape.rank
     unit_axis = unit_axis % rank
     axes = [a for a in range(rank) if a != unit_axis]
-    return tf.cast(tf.reduce_max(outputs, axis=axes) > 0, tf.float32)
+    low = tf.constant(gate.low, outputs.dtype)
+    if gate.high is None:
+        passing = tf.reduce_max(outputs, axis=axes) > low
+    else:
+        inside = tf.logical_and(outputs > low, outputs < tf.constant(gate.high, outputs.dtype))
+        passing = tf.reduce_any(inside, axis=axes)
+    return tf.cast(passing, tf.float32)
 
 
 def saturated_count(outputs, kind, epsilon):

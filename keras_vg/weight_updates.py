@@ -69,7 +69,8 @@ class UpdateMeter:
             # For updates inside a tf.cond branch (loss scaling, AutoClip's skip), from where
             # a tensor cannot be handed back out.
             self._half_change_squares = tf.Variable(tf.zeros([len(variables)]), trainable=False,
-                                                    name="keras_vg_change_squares")
+                                                    name="keras_vg_change_squares",
+                                                    experimental_enable_variable_lifting=False)
 
     def around(self, variables, update):
         """Runs `update()`, measuring the given variables around it.

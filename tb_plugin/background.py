@@ -82,8 +82,6 @@ class Preparer:
         self._last_request = 0.0
         self._contexts = {}  # eid -> the RequestContext of its latest request
         self._requested = {}  # (eid, run) -> time of its latest request
-        self.passes = 0
-        """Passes completed (tests wait on it)."""
 
     def notice(self, ctx, eid, run=None):
         """Records a request, and starts the thread if it is not running.
@@ -149,7 +147,6 @@ class Preparer:
                 prepare(ctx, eid, runs)
             except Exception:  # noqa: BLE001 -- a failed pass must not end the thread
                 logger.exception("keras-vg: preparing the Gradients tab's data failed")
-        self.passes += 1
         return True
 
 

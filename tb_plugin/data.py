@@ -18,7 +18,7 @@ import numpy as np
 from tensorboard.data import provider as provider_lib
 
 from keras_vg import format as fmt
-from tb_plugin import background
+from tb_plugin import background, layers
 
 READ_ALL = 10**9
 """`downsample` for `read_tensors`: larger than any series, so nothing is dropped here."""
@@ -53,6 +53,10 @@ class Series:
         self.values = values
         self.retention = retention
         self.version = None  # set by Reader.series: changes when TensorBoard has new data
+        # For layer rows of a per-variable statistic (`tb_plugin.layers`): the
+        # variables' paths and the layer of each, in the variables' order.
+        self.variable_names = None
+        self.variable_layers = None
         # Set by `_stack`/`_append`: the storage `values` is a view of
         # (`[N, capacity]`), and the step and wall time of every record read,
         # in the provider's order, to recognise an append next time.
@@ -90,12 +94,11 @@ class Reader:
     def __init__(self, data_provider, sampling_hints=None, cache_bytes=512 * 2**20):
         self._provider = data_provider
         self._hints = dict(sampling_hints or {})
-        self._cache = collections.OrderedDict()  # (eid, run, name) -> its latest Series
+        self._cache = collections.OrderedDict()  # (eid, run, name[, "layer"]) -> its latest Series
         self._cache_bytes = cache_bytes
+        self._json = {}  # (eid, run, name) -> (version, records): events and model summaries, small
         self._lock = threading.Lock()
         self._building = background.KeyedLocks()
-        self.reads = 0
-        """`read_tensors` calls made for series (tests check what was prepared)."""
 
     # Listing.
 
@@ -124,7 +127,6 @@ class Reader:
 
     def _read(self, ctx, eid, run, name):
         tag = fmt.tag_for(name)
-        self.reads += 1
         data = self._provider.read_tensors(
             ctx, experiment_id=eid, plugin_name=fmt.PLUGIN_NAME, downsample=READ_ALL,
             run_tag_filter=provider_lib.RunTagFilter(runs=[run], tags=[tag]),
@@ -133,8 +135,18 @@ class Reader:
 
     # Series.
 
-    def series(self, ctx, eid, run, name):
+    def series(self, ctx, eid, run, name, by="variable"):
         """Returns the `Series` of one statistic of one run (cached).
+
+        Args:
+            ctx: The request's `RequestContext`.
+            eid: The experiment id.
+            run: The run.
+            name: A statistic of `keras_vg.format.STATS`.
+            by: `"variable"` for the values as recorded, `"layer"` for a
+                per-variable statistic combined per layer
+                (`tb_plugin.layers`). Per-layer and scalar statistics are the
+                same either way. Defaults to `"variable"`.
 
         Raises:
             BadRequest: unknown run or statistic, or a format this version
@@ -142,25 +154,58 @@ class Reader:
         """
         if name not in fmt.STAT_AXES:
             raise BadRequest(f"Unknown statistic. Expected one of {list(fmt.STATS)}. Received: stat={name!r}")
+        if by == "layer" and fmt.axis_of(name) == fmt.AXIS_VARIABLE:
+            return self._layer_series(ctx, eid, run, name)
         time_series = self._time_series(ctx, eid, run, name)
-        version = (time_series.max_step, time_series.max_wall_time)
-        slot = (eid, run, name)
+
+        def build(previous):
+            names = _decode(time_series.plugin_content).get("names", [])
+            # Listed before read: the data is at least as new as the version.
+            series = _restack(previous, self._read(ctx, eid, run, name), names, name)
+            series.retention = self.retention(len(series.steps))
+            return series
+
+        return self._memo((eid, run, name), (time_series.max_step, time_series.max_wall_time), build)
+
+    def _layer_series(self, ctx, eid, run, name):
+        variables = self.series(ctx, eid, run, name)
+        weight_norm = None
+        if name == "update_ratio":
+            # A layer's ratio is ‖Δw‖/‖w‖ over its variables together: it needs their norms.
+            try:
+                weight_norm = self.series(ctx, eid, run, "weight_norm")
+            except BadRequest:
+                raise BadRequest(f"Run {run!r} has no `weight_norm`, through which `update_ratio` combines "
+                                 "by layer; ask for by=variable.") from None
+        summaries, summaries_version = self._json_records(ctx, eid, run, fmt.MODEL_NAME)
+        version = (variables.version, weight_norm.version if weight_norm is not None else None, summaries_version)
+
+        def build(previous):
+            del previous  # recombined whole: cheap next to reading the variables' series
+            names, values, owners = layers.combine(variables, weight_norm, [summary for _, summary in summaries])
+            series = Series(name, variables.steps, names, values, variables.retention)
+            series.variable_names, series.variable_layers = list(variables.names), owners
+            return series
+
+        return self._memo((eid, run, name, "layer"), version, build)
+
+    def _memo(self, slot, version, build):
+        """The cached `Series` of `slot` if it is of `version`, else `build(previous)`'s, cached.
+
+        One build per slot at a time: a request that arrives while the
+        background preparer builds the same series waits for it, and two
+        builds never append to one storage.
+        """
         cached = self._cached(slot, version)
         if cached is not None:
             return cached
-        # One build per statistic at a time: a request that arrives while the
-        # background preparer builds the same series waits for it, and two
-        # builds never append to one storage.
         with self._building.hold(slot):
             cached = self._cached(slot, version)
             if cached is not None:
                 return cached
             with self._lock:
                 previous = self._cache.get(slot)
-            names = _decode(time_series.plugin_content).get("names", [])
-            # Listed before read: the data is at least as new as `version`.
-            series = _restack(previous, self._read(ctx, eid, run, name), names, name)
-            series.retention = self.retention(len(series.steps))
+            series = build(previous)
             series.version = version
             self._store(slot, series)
         return series
@@ -185,6 +230,11 @@ class Reader:
 
     def json_records(self, ctx, eid, run, name):
         """Returns `[(step, decoded JSON)]` of the `events` or `model` tag, and its retention."""
+        records, _ = self._json_records(ctx, eid, run, name)
+        return records, self.retention(len(records))
+
+    def _json_records(self, ctx, eid, run, name):
+        """`([(step, decoded JSON)], version)`, read again only when TensorBoard has new records."""
         tag = fmt.tag_for(name)
         listing = self._provider.list_tensors(
             ctx, experiment_id=eid, plugin_name=fmt.PLUGIN_NAME,
@@ -193,15 +243,23 @@ class Reader:
         if tag not in listing.get(run, {}):
             if not self.runs(ctx, eid).get(run):
                 raise BadRequest(f"Unknown run. Received: run={run!r}")
-            return [], self.retention(0)
-        _decode(listing[run][tag].plugin_content)
+            return [], None
+        time_series = listing[run][tag]
+        version = (time_series.max_step, time_series.max_wall_time)
+        with self._lock:
+            cached = self._json.get((eid, run, name))
+        if cached is not None and cached[0] == version:
+            return cached[1], version
+        _decode(time_series.plugin_content)
         records = []
         for datum in self._read(ctx, eid, run, name):
             try:
                 records.append((int(datum.step), fmt.decode_json(np.asarray(datum.numpy).item())))
             except (ValueError, UnicodeDecodeError):
                 continue  # a torn or foreign record: show the rest rather than nothing
-        return records, self.retention(len(records))
+        with self._lock:
+            self._json[(eid, run, name)] = (version, records)
+        return records, version
 
     def retention(self, points):
         """Says whether TensorBoard's own retention may have dropped records.

@@ -18,9 +18,9 @@ and the per-layer fractions are NaN where a layer had no record; neither is a
 non-finite gradient, so there NaN must not win a bucket. A one-step spike or
 a single NaN gradient therefore survives any amount of downsampling.
 
-The region classification is reduced the same way, with a priority instead
-of a max (the plugin passes non-finite > exploding > vanishing > dead >
-saturated > healthy, the precedence of `keras_vg.detect`).
+The region classification is reduced the same way, the most serious class
+winning by the precedence of `keras_vg.detect`
+(`keras_vg.heatmap_marks.worst_in_runs`).
 
 Values travel as log10 quantised to int16 (see `encode_log16`): a
 1,000 x 640 heatmap is then 1.7 MB of base64 instead of ~6 MB of JSON numbers.
@@ -30,8 +30,7 @@ import base64
 
 import numpy as np
 
-NAN_IS_ABSENT = frozenset({"update_ratio", "dead_fraction", "saturation_fraction"})
-"""Statistics whose NaN means "undefined" or "no record", not a non-finite value."""
+from keras_vg.heatmap_marks import NAN_IS_ABSENT
 
 LOG16_SCALE = 700
 """int16 units per decade: 0.0014 decade (0.33 %) steps, and ±46.8 decades
@@ -103,34 +102,6 @@ def reduce_values(values, starts, stat):
         has_nan = np.logical_or.reduceat(np.isnan(values), starts, axis=1)
         reduced[has_nan] = np.nan
     return reduced
-
-
-def reduce_classes(codes, starts, priority):
-    """Reduces `[N, T]` int8 region codes to buckets; the most serious code wins.
-
-    Args:
-        codes: int8 array `[N, T]` of region codes (0..127).
-        starts: Bucket starts from `bucket_starts`.
-        priority: Every code that occurs, most serious first.
-
-    Returns:
-        int8 array `[N, len(starts)]`.
-
-    Example:
-
-    >>> codes = np.array([[0, 1, 2, 0]], np.int8)
-    >>> reduce_classes(codes, bucket_starts(4, 2), priority=(2, 1, 0)).tolist()
-    [[1, 2]]
-    """
-    if codes.shape[1] == 0 or len(starts) == codes.shape[1]:
-        return codes
-    # Map codes to ranks where a larger rank is more serious, take the max, map back.
-    rank_of = np.zeros(128, dtype=np.int8)
-    for rank, code in enumerate(reversed(priority)):
-        rank_of[code] = rank
-    code_of = np.array(list(reversed(priority)), dtype=np.int8)
-    ranks = rank_of[codes]
-    return code_of[np.maximum.reduceat(ranks, starts, axis=1)]
 
 
 def encode_log16(values):

@@ -3,17 +3,20 @@
 Routes, served under `/data/plugin/keras_vg/` (all JSON with sorted keys; a
 bad parameter gets a 400 with `{"error": ...}`):
 
-| route             | parameters                 | answer                                         |
-|-------------------|----------------------------|------------------------------------------------|
-| `/runs`           |                            | runs and their statistics                      |
-| `/heatmap`        | `run, stat, columns`       | variables x step buckets: log10 codes, regions |
-| `/series`         | `run, stat, name, columns` | one variable over steps (bucket max and min)   |
-| `/profile`        | `run, stat, step[, step_end]` | every variable at one step (or bucket)      |
-| `/events`         | `run`                      | clipping on/off, skipped steps, alerts         |
-| `/classification` | `run`                      | region episodes from `keras_vg.detect`         |
-| `/static/*`       |                            | the page (only files of `tb_plugin/static/`)   |
+| route             | parameters                       | answer                                          |
+|-------------------|----------------------------------|-------------------------------------------------|
+| `/runs`           |                                  | runs, their statistics and findings; the run to open |
+| `/heatmap`        | `run, stat, columns, by`         | layers (or variables) x step buckets: log10 codes, classes |
+| `/series`         | `run, stat, name, columns, by`   | one layer (or variable) over steps (bucket max and min) |
+| `/profile`        | `run, stat, step[, step_end], by` | every layer (or variable) at one step (or bucket) |
+| `/events`         | `run`                            | clipping on/off, skipped steps, alerts          |
+| `/classification` | `run`                            | region episodes from `keras_vg.detect`          |
+| `/static/*`       |                                  | the page (only files of `tb_plugin/static/`)    |
 
-Downsampling keeps extremes: see `tb_plugin.downsample`.
+`by` is `layer` (the default: a per-variable statistic combined per layer,
+`tb_plugin.layers`) or `variable`. Downsampling keeps extremes: see
+`tb_plugin.downsample`. The cells' classes are `keras_vg.detect`'s, put on the
+heatmap's rows and steps by `keras_vg.heatmap_marks`.
 
 Stacking a big run and running the region rules takes seconds, so while the
 page is in use a background thread (`tb_plugin.background.Preparer`) does it
@@ -34,6 +37,7 @@ from tensorboard.plugins import base_plugin
 from werkzeug import wrappers
 
 from keras_vg import format as fmt
+from keras_vg import heatmap_marks
 from tb_plugin import background, downsample
 from tb_plugin import data as data_lib
 
@@ -52,6 +56,9 @@ PREPARED_RUNS = 2
 """Runs the background thread keeps ready: the page shows one, or two side by side."""
 
 HEATMAP_STATS = tuple(s for s in fmt.STATS if fmt.axis_of(s) != fmt.AXIS_SCALAR)
+
+FINDING_EVENTS = ("alert", "nonfinite", "warning")
+"""Recorded event kinds that are findings (the others switch clipping or skip a step)."""
 
 
 class GradientsPlugin(base_plugin.TBPlugin):
@@ -134,7 +141,7 @@ class GradientsPlugin(base_plugin.TBPlugin):
     def _serve_heatmap(self, request):
         return self._respond(request, lambda ctx, eid: self.heatmap_impl(
             ctx, eid, run=_arg(request, "run"), stat=_arg(request, "stat"),
-            columns=_int_arg(request, "columns", 1, MAX_COLUMNS, default=800),
+            columns=_int_arg(request, "columns", 1, MAX_COLUMNS, default=800), by=_by_arg(request),
         ))
 
     @wrappers.Request.application
@@ -142,7 +149,7 @@ class GradientsPlugin(base_plugin.TBPlugin):
         return self._respond(request, lambda ctx, eid: self.series_impl(
             ctx, eid, run=_arg(request, "run"), stat=_arg(request, "stat"),
             name=request.args.get("name", ""),
-            columns=_int_arg(request, "columns", 1, MAX_COLUMNS, default=1000),
+            columns=_int_arg(request, "columns", 1, MAX_COLUMNS, default=1000), by=_by_arg(request),
         ))
 
     @wrappers.Request.application
@@ -150,7 +157,7 @@ class GradientsPlugin(base_plugin.TBPlugin):
         return self._respond(request, lambda ctx, eid: self.profile_impl(
             ctx, eid, run=_arg(request, "run"), stat=_arg(request, "stat"),
             step=_int_arg(request, "step", -(2**62), 2**62, default=None),
-            step_end=_int_arg(request, "step_end", -(2**62), 2**62, default=None),
+            step_end=_int_arg(request, "step_end", -(2**62), 2**62, default=None), by=_by_arg(request),
         ))
 
     @wrappers.Request.application
@@ -192,12 +199,16 @@ class GradientsPlugin(base_plugin.TBPlugin):
     # Implementations.
 
     def runs_impl(self, ctx, eid):
-        """Lists runs with keras-vg data.
+        """Lists runs with keras-vg data, and the one the page opens on.
 
         Returns:
             `{"runs": [{"run", "stats", "heatmap_stats", "has_events",
-            "max_step", "error"}], "stats": <all known statistics>}`; `error`
-            is set when a run was written in a newer format.
+            "findings", "max_step", "wall_time", "error"}], "stats": <all
+            known statistics>, "opening": <run>}`. `error` is set when a run
+            was written in a newer format; `findings` counts the findings
+            the monitor recorded while training (`alert`, `nonfinite` and
+            `warning` events); `opening` is the newest run with findings,
+            else the newest run (by the wall time of its latest record).
         """
         runs = []
         for run, names in sorted(self._reader.runs(ctx, eid).items()):
@@ -208,61 +219,89 @@ class GradientsPlugin(base_plugin.TBPlugin):
                 except fmt.FormatError as format_error:
                     error = str(format_error)
             stats = [s for s in fmt.STATS if s in names]
+            findings = 0
+            if fmt.EVENTS_NAME in names and error is None:
+                events, _ = self._reader.json_records(ctx, eid, run, fmt.EVENTS_NAME)
+                findings = sum(isinstance(event, dict) and event.get("kind") in FINDING_EVENTS
+                               for _, batch in events for event in (batch if isinstance(batch, list) else []))
             runs.append({
                 "error": error,
+                "findings": findings,
                 "has_events": fmt.EVENTS_NAME in names,
                 "heatmap_stats": [s for s in stats if s in HEATMAP_STATS],
                 "max_step": max(int(ts.max_step) for ts in names.values()),
                 "run": run,
                 "stats": stats,
+                "wall_time": max(float(ts.max_wall_time) for ts in names.values()),
             })
-        return {"runs": runs, "stats": list(fmt.STATS)}
+        shown = [r for r in runs if r["heatmap_stats"] and not r["error"]]
+        newest_first = sorted(shown, key=lambda r: -r["wall_time"])
+        with_findings = [r for r in newest_first if r["findings"]]
+        opening = (with_findings or newest_first or [{"run": None}])[0]["run"]
+        return {"opening": opening, "runs": runs, "stats": list(fmt.STATS)}
 
-    def heatmap_impl(self, ctx, eid, run, stat, columns):
-        """Variables x step buckets of one statistic, downsampled keeping extremes.
+    def heatmap_impl(self, ctx, eid, run, stat, columns, by="layer"):
+        """Layers (or variables) x step buckets of one statistic, downsampled keeping extremes.
+
+        Args:
+            by: `"layer"` or `"variable"`: the rows of a per-variable
+                statistic. Per-layer statistics have layer rows either way.
 
         Returns:
-            A dict with `names` (rows, model order, input first), `step_start`
-            and `step_end` per column, `values` (base64 int16 log10 codes,
-            `[rows, columns]`, see `downsample.encode_log16`), `classes`
-            (`keras_vg.detect` codes of the same shape, see
-            `downsample.encode_regions`; names in `regions`),
-            `downsampled`, `reduction`, `num_steps` and `retention`.
+            A dict with `names` (rows, model order, input first), `rows`
+            (`"layer"` or `"variable"`), `row_variables` (for layer rows of
+            a per-variable statistic, the variables of each row; else None),
+            `step_start` and `step_end` per column, `values` (base64 int16
+            log10 codes, `[rows, columns]`, see `downsample.encode_log16`),
+            `nan_is_absent` (whether NaN means "no value" rather than
+            non-finite), `classes` (`keras_vg.detect` codes of the same
+            shape, see `downsample.encode_regions`), `regions` (class names
+            by code), `precedence` (codes, most serious first), `marked`
+            (the codes this statistic's cells can have, most serious first),
+            `marks` (class name -> pattern), `scale` (`"log"`, or
+            `"linear"` for the fractions), `downsampled`, `reduction`,
+            `num_steps` and `retention`.
         """
-        if stat not in HEATMAP_STATS:
-            raise data_lib.BadRequest(f"`stat` must be one of {list(HEATMAP_STATS)}. Received: stat={stat!r}")
-        series = self._reader.series(ctx, eid, run, stat)
+        _check_heatmap_stat(stat)
+        series = self._reader.series(ctx, eid, run, stat, by=by)
         rows, steps = series.values.shape[0], len(series.steps)
         columns = min(columns, max(1, MAX_CELLS // max(1, rows)))
         starts = downsample.bucket_starts(steps, columns)
         values = downsample.reduce_values(series.values, starts, stat)
-        classes = self._classes_for(ctx, eid, run, series, starts)
+        classes = heatmap_marks.worst_in_runs(self._aligned(ctx, eid, run, series), starts, axis=1)
         return {
             "classes": downsample.encode_regions(classes),
             "columns": len(starts),
             "downsampled": len(starts) < steps,
             "encoding": {"scale": downsample.LOG16_SCALE, "special": downsample.SPECIAL_CODES},
+            "marked": list(heatmap_marks.classes_shown(stat)),
+            "marks": heatmap_marks.MARKS,
             "names": series.names,
+            "nan_is_absent": stat in heatmap_marks.NAN_IS_ABSENT,
             "num_steps": steps,
+            "precedence": list(heatmap_marks.precedence()),
             "reduction": _reduction_text(stat),
             "regions": list(_detect().CLASS_NAMES),
             "retention": series.retention,
+            "row_variables": _row_variables(series),
+            "rows": "variable" if fmt.axis_of(stat) == fmt.AXIS_VARIABLE and by == "variable" else "layer",
             "run": run,
+            "scale": "linear" if stat in fmt.ACTIVATION_STATS else "log",
             "stat": stat,
             "step_end": _bucket_ends(series.steps, starts).tolist(),
             "step_start": series.steps[starts].tolist() if steps else [],
             "values": downsample.encode_log16(values),
         }
 
-    def series_impl(self, ctx, eid, run, stat, name, columns):
-        """One variable's (or layer's, or the scalar's) values over the steps.
+    def series_impl(self, ctx, eid, run, stat, name, columns, by="layer"):
+        """One layer's (or variable's, or the scalar's) values over the steps.
 
         Returns:
             A dict with `steps` (bucket starts), `step_end`, `max` and `min`
             per bucket (equal when not downsampled), `downsampled`,
             `retention`.
         """
-        series = self._reader.series(ctx, eid, run, stat)
+        series = self._reader.series(ctx, eid, run, stat, by=by)
         row = series.values[series.row(name):][:1]
         starts = downsample.bucket_starts(len(series.steps), columns)
         high = downsample.reduce_values(row, starts, stat)[0]
@@ -280,22 +319,22 @@ class GradientsPlugin(base_plugin.TBPlugin):
             "steps": series.steps[starts].tolist() if len(series.steps) else [],
         }
 
-    def profile_impl(self, ctx, eid, run, stat, step, step_end=None):
-        """Every variable's value at one step, or its bucket value over a step range.
+    def profile_impl(self, ctx, eid, run, stat, step, step_end=None, by="layer"):
+        """Every layer's (or variable's) value at one step, or its bucket value over a step range.
 
         Args:
             step: The step; the nearest recorded one is used. None: the last.
             step_end: With `step`, reduce over the recorded steps in
                 `[step, step_end]` as the heatmap does (max, NaN or inf
                 win), so a clicked heatmap column shows the same values.
+            by: `"layer"` or `"variable"`, as for `heatmap_impl`.
 
         Returns:
             A dict with `names`, `values`, `step` and `step_end` (the
             recorded steps used).
         """
-        if stat not in HEATMAP_STATS:
-            raise data_lib.BadRequest(f"`stat` must be one of {list(HEATMAP_STATS)}. Received: stat={stat!r}")
-        series = self._reader.series(ctx, eid, run, stat)
+        _check_heatmap_stat(stat)
+        series = self._reader.series(ctx, eid, run, stat, by=by)
         steps = series.steps
         answer = {"names": series.names, "run": run, "stat": stat, "step": None, "step_end": None,
                   "values": []}
@@ -352,15 +391,20 @@ class GradientsPlugin(base_plugin.TBPlugin):
         return chosen
 
     def prepare(self, ctx, eid, run):
-        """Stacks every statistic of a run and classifies it, as the next heatmap will need.
+        """Stacks every statistic of a run (layer and variable rows) and classifies it, as the next heatmap needs.
 
         Does nothing that is already done for the data TensorBoard has now.
         """
         try:
             self._classify(ctx, eid, run)
             for stat in self._reader.runs(ctx, eid).get(run, {}):
-                if stat in HEATMAP_STATS:
-                    self._aligned(ctx, eid, run, self._reader.series(ctx, eid, run, stat))
+                if stat not in HEATMAP_STATS:
+                    continue
+                for by in heatmap_marks.VIEWS:  # the page opens per layer; variables are one click away
+                    try:
+                        self._aligned(ctx, eid, run, self._reader.series(ctx, eid, run, stat, by=by))
+                    except data_lib.BadRequest:
+                        continue  # e.g. update_ratio without weight_norm has no layer rows
         except data_lib.BadRequest:
             pass  # the run is gone, or in a newer format: the page shows why
 
@@ -375,7 +419,10 @@ class GradientsPlugin(base_plugin.TBPlugin):
             name: self._reader.series(ctx, eid, run, name)
             for name in listing[run] if name in fmt.STAT_AXES
         }
-        key = tuple(sorted((name, series.version) for name, series in stats.items()))
+        # The model summary says which variables make a layer and which decide (keras_vg.detect.Structure).
+        models, _ = self._reader.json_records(ctx, eid, run, fmt.MODEL_NAME)
+        model = models[-1][1] if models else None
+        key = tuple(sorted((name, series.version) for name, series in stats.items())) + (len(models),)
         # One classification per run at a time: a request waits for the
         # background thread's instead of running the rules twice.
         with self._classifying.hold((eid, run)):
@@ -383,7 +430,7 @@ class GradientsPlugin(base_plugin.TBPlugin):
                 cached = self._classifications.get((eid, run))
             if cached is not None and cached[0] == key:
                 return cached[1]
-            result = _classification(stats)
+            result = _classification(stats, model)
             with self._lock:
                 self._classifications[(eid, run)] = (key, result)
                 self._classifications.move_to_end((eid, run))
@@ -392,43 +439,39 @@ class GradientsPlugin(base_plugin.TBPlugin):
         return result
 
     def _aligned(self, ctx, eid, run, series):
-        """The run's region codes on a series' rows and steps, `[rows, T]` (cached)."""
+        """The run's class codes on a series' rows and steps, `[rows, T]` (cached)."""
         result = self._classify(ctx, eid, run)
+        key = (series.name, series.variable_layers is not None)
         with self._lock:
-            aligned = result["aligned"].get(series.name)
+            aligned = result["aligned"].get(key)
         if aligned is None or aligned[0] != series.version:
             # Cached with the classification: aligning 20,000 x 1,000 cells costs ~0.2 s.
-            grid = result["grids"]["layer" if fmt.axis_of(series.name) == fmt.AXIS_LAYER else "variable"]
-            aligned = (series.version, _align(grid, series))
+            if series.variable_layers is None:
+                codes = heatmap_marks.cell_classes(result["grids"], series.name, series.steps, series.names)
+            else:
+                codes = heatmap_marks.cell_classes(result["grids"], series.name, series.steps,
+                                                   series.variable_names, layers=series.variable_layers)
+            aligned = (series.version, np.ascontiguousarray(codes.T))
             with self._lock:
-                result["aligned"][series.name] = aligned
+                result["aligned"][key] = aligned
         return aligned[1]
 
-    def _classes_for(self, ctx, eid, run, series, starts):
-        """Region codes `[rows, buckets]` aligned with a heatmap."""
-        detect = _detect()
-        priority = (detect.NONFINITE, detect.EXPLODING, detect.VANISHING, detect.DEAD,
-                    detect.SATURATED, detect.HEALTHY)
-        return downsample.reduce_classes(self._aligned(ctx, eid, run, series), starts, priority)
 
-
-def _classification(stats):
+def _classification(stats, model=None):
     """What `_classify` caches: the codes of `keras_vg.detect.classify` and its episodes."""
     detect = _detect()
     inputs = {
         name: (s.steps, s.names, s.values[0] if not s.names else s.values.T)
         for name, s in stats.items()
     }
-    classification = detect.classify(inputs)
+    classification = detect.classify(inputs, model=model if isinstance(model, dict) else None)
     return {
         # Only the codes are kept: the full Classification also holds float
         # figures for every cell, 5x the memory.
-        "grids": {
-            "variable": _slim(classification.variables),
-            "layer": _slim(classification.layers),
-        },
+        "grids": types.SimpleNamespace(variables=_slim(classification.variables),
+                                       layers=_slim(classification.layers)),
         "episodes": [_episode_json(e) for e in detect.find_episodes(classification)],
-        "aligned": {},  # statistic -> (series version, codes on its rows and steps)
+        "aligned": {},  # (statistic, layer rows?) -> (series version, codes on its rows and steps)
     }
 
 
@@ -446,22 +489,19 @@ def _slim(grid):
                                  codes=np.asarray(grid.codes, dtype=np.int8))
 
 
-def _align(grid, series):
-    """A grid's codes `[T, N]` on a series' rows and steps: `[rows, T']`."""
-    if tuple(series.names) == tuple(grid.names) and np.array_equal(series.steps, grid.steps):
-        return np.ascontiguousarray(grid.codes.T)  # the usual case: same axes
-    out = np.zeros((len(series.names), len(series.steps)), dtype=np.int8)
-    if not len(grid.steps) or not len(grid.names) or not len(series.steps):
-        return out
-    grid_steps = np.asarray(grid.steps)
-    where = np.clip(np.searchsorted(grid_steps, series.steps), 0, len(grid_steps) - 1)
-    found = grid_steps[where] == series.steps
-    name_index = {name: i for i, name in enumerate(grid.names)}
-    columns = np.array([name_index.get(name, -1) for name in series.names], dtype=np.int64)
-    have = columns >= 0
-    codes = np.asarray(grid.codes, dtype=np.int8)[where[found]][:, columns[have]]  # [T', R']
-    out[np.ix_(have, found)] = codes.T
-    return out
+def _row_variables(series):
+    """For layer rows of a per-variable statistic, the variables of each row (in order); else None."""
+    if series.variable_layers is None:
+        return None
+    rows = {name: [] for name in series.names}
+    for variable, layer in zip(series.variable_names, series.variable_layers):
+        rows[layer].append(variable)
+    return [rows[name] for name in series.names]
+
+
+def _check_heatmap_stat(stat):
+    if stat not in HEATMAP_STATS:
+        raise data_lib.BadRequest(f"`stat` must be one of {list(HEATMAP_STATS)}. Received: stat={stat!r}")
 
 
 def _episode_json(episode):
@@ -503,6 +543,15 @@ def _arg(request, name):
     if not value:
         raise data_lib.BadRequest(f"Missing query parameter `{name}`.")
     return value
+
+
+def _by_arg(request):
+    by = request.args.get("by") or "layer"
+    try:
+        heatmap_marks.check_view(by)
+    except ValueError as error:
+        raise data_lib.BadRequest(str(error)) from None
+    return by
 
 
 def _int_arg(request, name, low, high, default):

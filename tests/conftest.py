@@ -1,12 +1,25 @@
 """Shared test set-up.
 
+One pytest process runs one Keras backend, chosen by `KERAS_BACKEND` before
+Keras is imported: the default (TensorFlow) runs every test but those in
+`tests/jax/`, and `KERAS_BACKEND=jax` runs those alone (`make test` runs
+both).
+
 MirroredStrategy tests need two logical CPU devices, which TensorFlow only
 accepts before it first initialises its devices: hence at import time here.
+JAX's data-parallel tests need two CPU devices too, which XLA makes when
+told before JAX starts.
 """
 
 import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+BACKEND = os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+if BACKEND == "jax":
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=2").strip()
+    collect_ignore_glob = ["test_*.py"]  # the TensorFlow suite
+else:
+    collect_ignore = ["jax"]
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
@@ -24,7 +37,8 @@ def _configure_two_cpus():
         pass  # already initialised by an earlier import; the strategy tests then skip
 
 
-_configure_two_cpus()
+if BACKEND == "tensorflow":
+    _configure_two_cpus()
 
 
 @pytest.fixture(autouse=True)

@@ -123,5 +123,9 @@ def test_as_a_process_no_traceback_and_no_tensorflow(tmp_path):
 def test_single_step_run(tmp_path, capsys):
     log_dir = write_vanishing_run(tmp_path / "one", steps=1)
     code, out, _ = run_cli(capsys, "report", log_dir)
-    assert code == 0 and "at step 0" in out and "recorded steps 0-0" in out
-    assert "first/last gradient-norm ratio 1e-06" in out
+    assert code == 0 and "recorded steps 0-0" in out and "first/last gradient-norm ratio 1e-06" in out
+    # One record is no episode: the report says why it has no finding.
+    assert "No findings" in out and "Only 1 recorded step: findings other than extreme ones" in out
+    log_dir = write_vanishing_run(tmp_path / "two", steps=2)
+    code, out, _ = run_cli(capsys, "report", log_dir)
+    assert code == 0 and "gradients vanish from step 0 on" in out and "Only" not in out

@@ -66,7 +66,7 @@ def test_geometric_decay_flags_the_first_layers_only():
     assert (episode.first_step, episode.last_step) == (0, 29)
     assert episode.figure == pytest.approx(0.25**9, rel=1e-5)
     assert episode.threshold == 1e-3
-    assert "dense_0/kernel ... dense_4/kernel (5 variables)" in episode.message
+    assert "in layers dense_0 ... dense_4 (5 layers), steps 0-29" in episode.message
 
 
 def test_flat_profile_is_healthy():
@@ -272,7 +272,7 @@ def test_dead_and_saturated_layers():
     dead_episode, saturated_episode = find_episodes(result)
     assert dead_episode.scope == "layer" and dead_episode.names == ("dense",)
     assert dead_episode.figure == pytest.approx(0.9)
-    assert "90% of units never fired" in dead_episode.message
+    assert "90% of units passed no gradient for a whole batch" in dead_episode.message
     assert saturated_episode.names == ("dense_2",)
 
 
@@ -303,13 +303,14 @@ def test_stalled_lower_layers_and_float32_resolution():
     assert "below float32 resolution" in episode.message
 
 
-def test_stalled_compares_kernels_with_kernels_and_biases_with_biases():
+def test_stalled_judges_kernels_and_biases_only_inform():
     names = [f"dense_{i}/{role}" for i in range(6) for role in ("kernel", "bias")]
     update = np.tile(np.array([1e-3, 0.2] * 6, np.float32), (10, 1))  # young biases move more
+    update[:, 3] = 1e-9  # a bias that does not move: not a verdict of its own
     assert find_episodes(classify({"update_ratio": _stat(update, names)})) == []
     update[:, 0] = 1e-6  # the first kernel: 1e-3 of the upper kernels
     [episode] = find_episodes(classify({"update_ratio": _stat(update, names)}))
-    assert (episode.rule, episode.names) == ("stalled", ("dense_0/kernel",))
+    assert (episode.rule, episode.names) == ("stalled", ("dense_0/kernel", "dense_0/bias"))
 
 
 def test_recovering_from_vanishing_is_not_exploding():
@@ -407,7 +408,7 @@ def _messy_run(seed=5, steps=300, n=8):
     update[:, 0] = 1e-9
     update[50:60, 1] = 1e-7
     update[0, n - 1] = np.nan  # undefined: zero-initialised
-    update[rng.random((steps, n)) < 0.005] = 4.0
+    update[rng.random((steps, n)) < 0.005] = 40.0
     layers = ["dense", "dense_1", "dense_2"]
     dead = rng.random((steps, 3)).astype(np.float32) ** 4
     total = np.sqrt(np.nansum(norms**2, axis=1)).astype(np.float32)
@@ -448,22 +449,23 @@ def test_streaming_matches_classify(thresholds):
             b.kind, b.scope, b.names, b.first_step, b.last_step, b.rule)
         np.testing.assert_equal(s.figure, b.figure)
         assert s.message == b.message
-    # One warning per episode, when it starts.
-    assert [(e.kind, e.scope, e.first_step) for e in started] == [
-        (e.kind, e.scope, e.first_step) for e in batch]
+    # One warning per episode, when it is reported.
+    assert sorted((e.kind, e.scope, e.first_step) for e in started) == sorted(
+        (e.kind, e.scope, e.first_step) for e in batch)
 
 
 def test_observe_returns_an_episode_once_when_it_starts():
     detector = StreamingDetector(Thresholds(merge_gap=1))
     names = {"grad_norm": ["a", "b"]}
     low, ok = {"grad_norm": [1e-6, 1.0]}, {"grad_norm": [1.0, 1.0]}
-    sequence = [low, low, ok, low, ok, ok, low]
+    sequence = [low, low, ok, low, ok, ok, low, ok, ok, ok, low, ok, low]
     results = [detector.observe(step, v, names) for step, v in enumerate(sequence)]
-    assert [len(r) for r in results] == [1, 0, 0, 0, 0, 0, 1]
+    # Reported at its second record; step 6 alone is a blip; steps 10 and 12 persist.
+    assert [len(r) for r in results] == [0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1]
     first, second = detector.episodes()
     assert (first.first_step, first.last_step) == (0, 3)
-    assert (second.first_step, second.last_step) == (6, 6)
-    assert results[0][0].last_step == 0  # a snapshot, taken when it started
+    assert (second.first_step, second.last_step) == (10, 12)
+    assert results[1][0].last_step == 1  # a snapshot, taken when it was reported
 
 
 def test_summary():
@@ -476,8 +478,8 @@ def test_summary():
         detector.observe(step, {"grad_norm": [1e-7, 1.0], "dead_fraction": [0.95]}, names)
     summary = detector.summary()
     assert summary.splitlines()[0] == "keras-vg found 2 gradient-health episode(s):"
-    assert "Vanishing gradients in dense/kernel, steps 1-3" in summary
-    assert "Dead units in dense, steps 1-3: up to 95% of units never fired" in summary
+    assert "Vanishing gradients in layer dense, steps 1-3" in summary
+    assert "Dead units in layer dense, steps 1-3: up to 95% of units passed no gradient" in summary
     detector.reset()
     assert detector.summary() == ""
 
@@ -488,9 +490,9 @@ def test_streaming_memory_is_bounded_and_survives_a_model_change():
         detector.observe(step, {"grad_norm": [1.0, 1.0]}, {"grad_norm": ["a", "b"]})
     assert detector._history.shape == (2, 4)
     # A second fit on a grown model: "a" keeps its baseline, "c" starts afresh.
-    started = detector.observe(100, {"grad_norm": [50.0, 1.0, 50.0]},
+    started = detector.observe(100, {"grad_norm": [500.0, 1.0, 500.0]},
                                {"grad_norm": ["a", "b", "c"]})
-    assert _kinds(started) == [("exploding", ("a",), 100, 100)]
+    assert _kinds(started) == [("exploding", ("a",), 100, 100)]  # 500x: extreme on one record
 
 
 # ---------------------------------------------------------------------------
@@ -518,7 +520,7 @@ def _varied_run(seed=7, steps=240, n=12):
     update[:100, 0] = 1e-9  # below float32 resolution
     update[150:162, 2] = 1e-6  # stalled
     update[0, 1::2] = np.nan  # zero-initialised biases
-    update[rng.random((steps, n)) < 0.005] = 4.0
+    update[rng.random((steps, n)) < 0.005] = 40.0  # extreme: an episode on one record
     layers = ["dense", "dense_1", "dense_2", "dense_3"]
     dead = rng.random((steps, 4)).astype(np.float32) ** 4
     dead[30:90, 1] = 0.8  # a dead layer
@@ -527,13 +529,17 @@ def _varied_run(seed=7, steps=240, n=12):
     total = np.sqrt(np.nansum(norms**2, axis=1)).astype(np.float32)
     total[100:103] = 5e3  # global spikes no variable explains
     total[180] = np.inf
+    skipped = np.zeros(steps, np.float32)
+    skipped[[120, 121, 180]] = 1  # AutoClip skipped the non-finite steps
+    update[[120, 121, 180]] = 0.0  # and applied no update there
     step_numbers = np.cumsum(rng.integers(1, 4, steps))  # irregular recorded steps
     values = {"grad_norm": norms, "grad_nonfinite": count, "update_ratio": update,
               "dead_fraction": dead, "saturation_fraction": saturation,
-              "global_grad_norm": total}
+              "global_grad_norm": total, "skipped": skipped}
     step_numbers, values = step_numbers[:kept], {s: v[:kept] for s, v in values.items()}
     names = {"grad_norm": names, "grad_nonfinite": names, "update_ratio": names,
-             "dead_fraction": layers, "saturation_fraction": layers, "global_grad_norm": []}
+             "dead_fraction": layers, "saturation_fraction": layers, "global_grad_norm": [],
+             "skipped": []}
     return step_numbers, values, names
 
 
@@ -659,26 +665,26 @@ def test_observe_many_with_statistics_and_names_changing_between_batches():
     _assert_same_state(batched, single)
 
 
-def test_episode_spanning_batches_is_returned_once_in_the_batch_where_it_starts():
+def test_episode_spanning_batches_is_returned_once_in_the_batch_where_it_is_reported():
     names = {"grad_norm": ["a/kernel", "b/kernel"]}
     low, ok = [1e-6, 1.0], [1.0, 1.0]
-    rows = np.array([ok] * 3 + [low] * 9 + [ok] * 3 + [low] * 2 + [ok] * 8 + [low], np.float32)
+    rows = np.array([ok] * 4 + [low] * 8 + [ok] * 3 + [low] * 2 + [ok] * 8 + [low] * 2, np.float32)
     detector = StreamingDetector(Thresholds(merge_gap=2))
     started = [detector.observe_many(np.arange(5 * i, 5 * i + 5), {"grad_norm": rows[5 * i:5 * i + 5]},
                                      names) for i in range(5)]
-    started.append(detector.observe_many([25], {"grad_norm": rows[25:]}, names))
+    started.append(detector.observe_many([25, 26], {"grad_norm": rows[25:]}, names))
+    # Row 4 opens a candidate in the first batch; its second record, in the next batch, reports it.
     assert [_kinds(s) for s in started] == [
-        [("vanishing", ("a/kernel",), 3, 3)], [], [], [("vanishing", ("a/kernel",), 15, 15)], [],
-        [("vanishing", ("a/kernel",), 25, 25)]]
-    # Rows 3-11 and 15-16 are 3 healthy records apart: more than merge_gap=2.
-    assert [(e.first_step, e.last_step) for e in detector.episodes()] == [(3, 11), (15, 16),
-                                                                         (25, 25)]
+        [], [("vanishing", ("a/kernel",), 4, 5)], [], [("vanishing", ("a/kernel",), 15, 16)], [],
+        [("vanishing", ("a/kernel",), 25, 26)]]
+    # Rows 4-11 and 15-16 are 3 healthy records apart: more than merge_gap=2.
+    assert [(e.first_step, e.last_step) for e in detector.episodes()] == [(4, 11), (15, 16), (25, 26)]
     # With merge_gap=3 the gap of rows 12-14, across the batch boundary, is bridged.
     detector = StreamingDetector(Thresholds(merge_gap=3))
     detector.observe_many(np.arange(13), {"grad_norm": rows[:13]}, names)
-    started = detector.observe_many(np.arange(13, 26), {"grad_norm": rows[13:]}, names)
-    assert _kinds(started) == [("vanishing", ("a/kernel",), 25, 25)]
-    assert [(e.first_step, e.last_step) for e in detector.episodes()] == [(3, 16), (25, 25)]
+    started = detector.observe_many(np.arange(13, 27), {"grad_norm": rows[13:]}, names)
+    assert _kinds(started) == [("vanishing", ("a/kernel",), 25, 26)]
+    assert [(e.first_step, e.last_step) for e in detector.episodes()] == [(4, 16), (25, 26)]
 
 
 def test_observe_many_on_one_record_empty_batches_and_no_variables():
@@ -718,6 +724,288 @@ def test_observe_many_runs_on_200_records_of_1000_variables():
     expected = find_episodes(classify({s: (np.arange(200), names if v.ndim == 2 else [], v)
                                        for s, v in stats.items()}))
     _assert_same_episodes(detector.episodes(), expected)
+
+
+# ---------------------------------------------------------------------------
+# Layers along depth: kernels carry the verdict
+
+
+def _layered(n_layers, roles=("kernel", "bias")):
+    return [f"dense_{i}/{role}" for i in range(n_layers) for role in roles]
+
+
+def test_a_layer_is_judged_by_its_kernels_and_its_variables_share_the_verdict():
+    names = _layered(4)
+    norms = np.tile(np.array([1.0, 1e-9] * 4, np.float32), (10, 1))  # biases ~0, kernels healthy
+    result = classify({"grad_norm": _stat(norms, names)})
+    assert (result.codes == HEALTHY).all() and find_episodes(result) == []
+    norms[:, 0] = 1e-6  # the first layer's kernel vanishes: its bias shares the verdict
+    result = classify({"grad_norm": _stat(norms, names)})
+    assert (result.codes[:, :2] == VANISHING).all() and (result.codes[:, 2:] == HEALTHY).all()
+    [episode] = find_episodes(result)
+    assert episode.names == ("dense_0/kernel", "dense_0/bias")
+    assert "Vanishing gradients in layer dense_0, steps 0-9" in episode.message
+
+
+def test_vanishing_compares_a_layer_with_the_layers_above_it_only():
+    # Below BatchNormalization the input side often has the largest gradients: that is no vanishing.
+    falling = np.tile(np.float32([1.0, 0.1, 1e-2, 1e-4, 1e-5]), (10, 1))
+    assert find_episodes(classify({"grad_norm": _stat(falling)})) == []
+    [episode] = find_episodes(classify({"grad_norm": _stat(falling[:, ::-1])}))
+    assert (episode.kind, episode.names) == ("vanishing", ("dense_0/kernel", "dense_1/kernel"))
+    assert episode.figure == pytest.approx(1e-5)
+    assert "down to 1e-05 of the largest among the layers above" in episode.message
+
+
+def test_a_layer_norm_is_the_root_sum_of_squares_of_its_kernels():
+    names = ["lstm/cell/kernel", "lstm/cell/recurrent_kernel", "lstm/cell/bias", "dense/kernel", "dense/bias"]
+    rng = np.random.default_rng(11)
+    norms = _noisy(rng, (30, 5))
+    norms[:, 0] = 1e-7  # the input kernel alone is tiny; the recurrent kernel carries the layer
+    structure = detect.Structure(names)
+    assert structure.units == ("lstm/cell", "dense")
+    expected = np.sqrt(norms[:, 0].astype(np.float64) ** 2 + norms[:, 1] ** 2)
+    np.testing.assert_allclose(structure.unit_norms(norms)[:, 0], expected, rtol=1e-6)
+    np.testing.assert_array_equal(structure.unit_norms(norms)[:, 1], norms[:, 3])
+    assert (classify({"grad_norm": _stat(norms, names)}).codes == HEALTHY).all()
+
+
+def test_a_layer_update_ratio_is_taken_over_its_kernels_together():
+    names = ["gru/kernel", "gru/recurrent_kernel", "gru/bias"]
+    rng = np.random.default_rng(12)
+    update = _noisy(rng, (6, 3), 1e-3, sigma=1.0)
+    update[0, 1] = np.nan  # undefined (zero weights): left out
+    weight = _noisy(rng, (6, 3), 5.0, sigma=1.0)
+    got = detect.Structure(names).unit_updates(update, weight)[:, 0]
+    r, w = update[:, :2].astype(np.float64), weight[:, :2].astype(np.float64)
+    w = np.where(np.isnan(r), 0.0, w)
+    expected = np.sqrt(np.nansum((r * w) ** 2, axis=1)) / np.sqrt(np.sum(w**2, axis=1))
+    np.testing.assert_allclose(got, expected, rtol=1e-5)
+    # Without weight norms, the larger kernel ratio stands in.
+    np.testing.assert_allclose(detect.Structure(names).unit_updates(update, None)[:, 0],
+                               np.fmax(update[:, 0], update[:, 1]))
+
+
+def test_the_update_ratio_rule_ignores_biases_and_norm_offsets():
+    names = ["dense/kernel", "dense/bias", "bn/gamma", "bn/beta", "out/kernel", "out/bias"]
+    norms = np.ones((20, 6), np.float32)
+    update = np.full((20, 6), 1e-3, np.float32)
+    update[10:, [1, 3, 5]] = 50.0  # zero-initialised offsets growing from 0: huge ratios, tiny steps
+    result = classify({"grad_norm": _stat(norms, names), "update_ratio": _stat(update, names)})
+    assert (result.codes == HEALTHY).all() and find_episodes(result) == []
+    update[12, 4] = 50.0  # the output kernel changed by 50x its norm: that is an explosion
+    result = classify({"grad_norm": _stat(norms, names), "update_ratio": _stat(update, names)})
+    [episode] = find_episodes(result)
+    assert (episode.kind, episode.rule, episode.names) == ("exploding", "update_ratio", ("out/kernel", "out/bias"))
+    assert (episode.first_step, episode.last_step) == (12, 12)  # 50x the threshold: extreme
+
+
+def test_a_zero_initialised_kernel_growing_from_zero_is_not_exploding():
+    # Adam-like growth from 0: |w_k| = k * lr after k steps, each step lr: the ratio is 1/k, huge at first.
+    names = ["gate/kernel", "dense/kernel"]
+    steps = np.arange(40)
+    update = np.stack([np.where(steps == 0, np.nan, 1.0 / np.maximum(steps, 1)), np.full(40, 1e-3)], axis=1)
+    norms = np.ones((40, 2), np.float32)
+    result = classify({"grad_norm": _stat(norms, names), "update_ratio": _stat(update, names)})
+    assert find_episodes(result) == []  # judged only after min_history records, when 1/k is small
+    for every in (10, 50):  # coarser cadences see it grown already: 1/10, 1/50
+        kept = steps % every == 0
+        sub = {"grad_norm": _stat(norms[kept], names, steps[kept]),
+               "update_ratio": _stat(update[kept], names, steps[kept])}
+        assert find_episodes(classify(sub)) == []
+
+
+def _summary(layers, structural=(), outputs=()):
+    return {"layers": [{"name": name, "activation": activation, "variables": [f"m/{name}/{v}" for v in variables],
+                        "roles": [detect.variable_role(v) for v in variables]}
+                       for name, activation, variables in layers],
+            "structural_zeros": [{"variable": v, "layer": v.split("/")[1], "reason": "batch_norm_follows",
+                                  "by": "bn"} for v in structural],
+            "outputs": list(outputs)}
+
+
+def test_structural_zeros_get_no_verdict_and_are_reported_as_information():
+    model = _summary([("dense", None, ("kernel", "bias")), ("bn", None, ("gamma", "beta")),
+                      ("out", "softmax", ("kernel", "bias"))], structural=["m/dense/bias"], outputs=["out"])
+    names = model["layers"][0]["variables"] + model["layers"][1]["variables"] + model["layers"][2]["variables"]
+    norms = np.tile(np.array([1e-6, 1e-14, 0.5, 0.5, 1.0, 1e-9], np.float32), (10, 1))
+    result = classify({"grad_norm": _stat(norms, names)}, model=model)
+    # The dense layer vanishes (its kernel); its bias, zero by construction, gets no verdict.
+    assert [CLASS_NAMES[c] for c in result.codes[0]] == ["vanishing", "healthy"] + ["healthy"] * 4
+    zeros = detect.zero_gradients({"grad_norm": _stat(norms, names)}, model=model)
+    # From the summary (with the records' figure), and from the records alone: out/bias stays ~0.
+    assert [(z["variable"], z["reason"]) for z in zeros] == [("m/dense/bias", "batch_norm_follows"),
+                                                            ("m/out/bias", None)]
+    assert zeros[0]["ratio"] == pytest.approx(1e-8, rel=1e-3)
+    assert zeros[1]["ratio"] == pytest.approx(1e-9, rel=1e-3)
+    # Where the summary read the graph and names no reason, a tiny ratio is no zero by construction
+    # (an exploding layer's huge inputs make its bias's gradient tiny beside its kernel's).
+    for entry in model["layers"]:
+        entry["inbound"] = []
+    zeros = detect.zero_gradients({"grad_norm": _stat(norms, names)}, model=model)
+    assert [z["variable"] for z in zeros] == ["m/dense/bias"]
+
+
+def test_leaky_units_are_never_dead_and_an_output_layer_is_never_saturated():
+    model = _summary([("a", "relu", ()), ("b", "leaky_relu", ()), ("c", "prelu", ()), ("d", "sigmoid", ()),
+                      ("out", "sigmoid", ())], outputs=["out"])
+    dead = _stat(np.full((4, 3), 0.9), ["a", "b", "c"])
+    saturation = _stat(np.full((4, 2), 0.9), ["d", "out"])
+    result = classify({"dead_fraction": dead, "saturation_fraction": saturation}, model=model)
+    assert [CLASS_NAMES[c] for c in result.layer_codes[0]] == ["dead", "healthy", "healthy", "saturated",
+                                                                "healthy"]
+    # Without a summary there is nothing to tell them apart by.
+    assert (classify({"dead_fraction": dead}).layer_codes == DEAD).all()
+    # The streaming detector applies the same guards once it has the summary.
+    detector = StreamingDetector(model=model)
+    detector.observe_many(np.arange(4), {"dead_fraction": dead[2], "saturation_fraction": saturation[2]},
+                          {"dead_fraction": dead[1], "saturation_fraction": saturation[1]})
+    assert [(e.kind, e.names) for e in detector.episodes()] == [("dead", ("a",)), ("saturated", ("d",))]
+
+
+# ---------------------------------------------------------------------------
+# Persistence: one record is a blip unless it is extreme
+
+
+@pytest.mark.parametrize("rows, factor, reported", [
+    ([40], 20.0, False),  # a 20x spike on one record: a blip
+    ([40, 43], 20.0, True),  # twice within merge_gap: an episode
+    ([40, 50], 20.0, False),  # twice, 10 records apart: two blips
+    ([40], 200.0, True),  # 200x, twenty times the threshold of 10x: extreme on one record
+])
+def test_a_one_record_blip_is_not_an_episode_unless_extreme(rows, factor, reported):
+    norms = np.ones((60, 3), np.float32)
+    norms[rows, 1] *= factor
+    result = classify({"grad_norm": _stat(norms)})
+    assert (result.codes[rows, 1] == EXPLODING).all()  # the cells are marked either way
+    episodes = find_episodes(result)
+    assert [(e.kind, e.first_step) for e in episodes] == ([("exploding", rows[0])] if reported else [])
+
+
+def test_one_nonfinite_record_is_an_episode_and_one_dead_record_is_not():
+    count = np.zeros((10, 2), np.float32)
+    count[4, 0] = 1
+    dead = np.zeros((10, 1), np.float32)
+    dead[6, 0] = 0.9
+    episodes = find_episodes(classify({"grad_nonfinite": _stat(count), "dead_fraction": _stat(dead, ["d"])}))
+    assert [(e.kind, e.first_step, e.last_step) for e in episodes] == [("nonfinite", 4, 4)]
+
+
+def test_skipped_steps_are_an_episode_of_their_own_and_never_a_stall():
+    names = _layered(6, ("kernel",))
+    update = np.full((30, 6), 1e-3, np.float32)
+    skipped = np.zeros(30, np.float32)
+    skipped[[10, 11, 15]] = [1, 1, 2]  # the record at step 15 counts two skipped steps
+    update[[10, 11, 15], :3] = 0.0  # no update where AutoClip skipped the step ...
+    update[[10, 11, 15], 3:] = 1e-3  # ... though another process (weight decay) moved the upper layers
+    stats = {"update_ratio": _stat(update, names), "skipped": _stat(skipped)}
+    episodes = find_episodes(classify(stats))
+    assert [(e.kind, e.first_step, e.last_step, e.figure) for e in episodes] == [("skipped", 10, 15, 4.0)]
+    assert episodes[0].message == ("Steps skipped by AutoClip, steps 10-15: 4 steps with a non-finite gradient "
+                                   "were not applied.")
+    without = find_episodes(classify({"update_ratio": _stat(update, names)}))
+    assert {e.kind for e in without} == {"stalled"}  # what the skipped steps would look like otherwise
+
+
+# ---------------------------------------------------------------------------
+# The rolling statistics against brute force
+
+
+def _brute_force_rules(norms, th):
+    """Every cell's rule on single-kernel layers, by loops over cells and `np.median`."""
+    T, N = norms.shape
+    finite = np.where(np.isfinite(norms), norms, np.nan)
+    top = np.array([np.nanmax(row) if np.isfinite(row).any() else np.nan for row in finite])
+    rules = np.zeros((T, N), np.int64)
+    exploding = np.zeros((T, N), bool)
+    floor = np.full(N, np.nan)  # the largest window minimum so far: the level each layer has held
+    for t in range(T):
+        for j in range(N):
+            value = norms[t, j]
+            window = norms[max(0, t - th.baseline_window):t, j]
+            seen = window[~np.isnan(window)]
+            if seen.size and np.isfinite(seen.min()):
+                floor[j] = np.fmax(floor[j], seen.min())
+            if not np.isfinite(value):
+                continue
+            tops = top[max(0, t - th.baseline_window):t]
+            usable = window[np.isfinite(window) & ~(window < th.vanishing_ratio * tops)]
+            median = np.fmax(np.median(usable) if usable.size else np.nan, floor[j])
+            median = np.nan if usable.size < th.min_history else median
+            if (median > 0 and value > th.spike_factor * median
+                    and not value < th.vanishing_ratio * top[t]):
+                rules[t, j], exploding[t, j] = detect.RULE_NAMES.index("spike"), True
+            elif value > th.exploding_norm:
+                rules[t, j], exploding[t, j] = detect.RULE_NAMES.index("grad_norm"), True
+    for t in range(T):
+        for j in range(N):
+            # Vanishing: against the largest of the layers above (after it in model order).
+            above = [norms[t, k] for k in range(j + 1, N) if np.isfinite(norms[t, k]) and not exploding[t, k]]
+            reference = max(above) if above else np.nan
+            if not np.isfinite(norms[t, j]):
+                rules[t, j] = detect.RULE_NAMES.index("nonfinite")
+            elif not exploding[t, j] and norms[t, j] < th.vanishing_ratio * reference:
+                rules[t, j] = detect.RULE_NAMES.index("vanishing")
+    return rules
+
+
+def _runs(rows):
+    """`(first, last)` of each run of consecutive row numbers."""
+    rows = np.asarray(rows)
+    if not rows.size:
+        return []
+    breaks = np.flatnonzero(np.diff(rows) > 1)
+    return list(zip(rows[np.r_[0, breaks + 1]].tolist(), rows[np.r_[breaks, len(rows) - 1]].tolist()))
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_rolling_statistics_match_a_brute_force_computation_on_random_sequences(seed):
+    rng = np.random.default_rng(seed)
+    window = int(rng.integers(2, 12))
+    th = Thresholds(baseline_window=window, min_history=int(rng.integers(1, window + 1)), merge_gap=0,
+                    min_records=1, exploding_norm=float(rng.choice([30.0, 1e3])))
+    T, N = 150, 6
+    norms = (rng.lognormal(0.0, 1.5, (T, N)) * np.geomspace(1e-4, 1.0, N)[rng.permutation(N)]).astype(np.float32)
+    norms[rng.random((T, N)) < 0.03] *= 1e3  # spikes
+    norms[rng.random((T, N)) < 0.03] = np.nan
+    norms[rng.random((T, N)) < 0.01] = np.inf
+    names = _names(N)
+    expected = _brute_force_rules(norms, th)
+    np.testing.assert_array_equal(classify({"grad_norm": _stat(norms, names)}, th).variables.rules, expected)
+
+    # The streaming detector, fed in random batches, keeps the last records and finds the same runs.
+    detector, start = StreamingDetector(th), 0
+    for size in _ragged(seed, T):
+        rows = slice(start, min(start + size, T))
+        detector.observe_many(np.arange(T)[rows], {"grad_norm": norms[rows]}, {"grad_norm": names})
+        start += size
+    kept = detector._history[:, (detector._slot + np.arange(window)) % window].T
+    np.testing.assert_array_equal(kept, norms[-window:])
+    for kind in ("nonfinite", "exploding", "vanishing"):
+        low, high = detect._KIND_IDS[kind]
+        hit_rows = np.flatnonzero(((expected >= low) & (expected <= high)).any(axis=1))
+        got = [(e.first_step, e.last_step) for e in detector.episodes() if e.kind == kind]
+        assert got == _runs(hit_rows), kind
+
+
+def test_nanmedian_and_previous_minimum_match_numpy_on_random_arrays():
+    rng = np.random.default_rng(13)
+    x = rng.lognormal(0.0, 2.0, (200, 9)).astype(np.float32)
+    x[rng.random(x.shape) < 0.2] = np.nan
+    x[rng.random(x.shape) < 0.05] = np.inf
+    x[5] = np.nan  # a row with nothing finite: no median
+    median, count = detect._nanmedian_rows(x)
+    for row, m, c in zip(x, median, count):
+        finite = row[np.isfinite(row)]
+        assert c == finite.size
+        np.testing.assert_allclose(m, np.median(finite) if finite.size else np.nan, rtol=1e-6)
+    for window in (1, 3, 7, 20, 250):
+        got = detect._previous_min(np.where(np.isinf(x), np.nan, x), window)
+        for t in range(len(x)):
+            previous = x[max(0, t - window):t]
+            previous = np.where(np.isinf(previous), np.nan, previous)
+            want = np.full(x.shape[1], np.inf, np.float32) if not len(previous) else np.fmin.reduce(previous)
+            np.testing.assert_array_equal(got[t], want)
 
 
 # ---------------------------------------------------------------------------

@@ -16,11 +16,12 @@ def test_metadata_round_trip_and_version_check():
     assert fmt.decode_metadata(content) == {
         "format_version": fmt.FORMAT_VERSION, "name": "grad_norm", "axis": "variable", "names": ["a", "b"]
     }
-    newer = json.dumps({"format_version": "2.0", "name": "grad_norm"}).encode()
+    newer = json.dumps({"format_version": "3.0", "name": "grad_norm"}).encode()
     with pytest.raises(fmt.FormatError, match="newer"):
         fmt.decode_metadata(newer)
-    older_minor = json.dumps({"format_version": "1.7", "name": "x"}).encode()
-    assert fmt.decode_metadata(older_minor)["format_version"] == "1.7"
+    for older in ("2.7", "1.1"):  # another minor of ours, and the previous major
+        content = json.dumps({"format_version": older, "name": "x"}).encode()
+        assert fmt.decode_metadata(content)["format_version"] == older
 
 
 def test_tag_names_are_checked():
@@ -76,12 +77,12 @@ def test_read_run_errors(tmp_path):
 
 
 def test_newer_major_version_is_refused(tmp_path, monkeypatch):
-    monkeypatch.setattr(fmt, "FORMAT_VERSION", "2.0")
+    monkeypatch.setattr(fmt, "FORMAT_VERSION", "3.0")
     writer = EventWriter(tmp_path)
     writer.write_stat("grad_norm", 0, [1.0], ["v"])
     writer.close()
-    monkeypatch.setattr(fmt, "FORMAT_VERSION", "1.0")
-    with pytest.raises(fmt.FormatError, match="newer than the format 1.0"):
+    monkeypatch.setattr(fmt, "FORMAT_VERSION", "2.0")
+    with pytest.raises(fmt.FormatError, match="newer than the format 2.0"):
         read_run(tmp_path)
 
 
@@ -97,3 +98,33 @@ def test_reader_aligns_names_across_files(tmp_path):
     np.testing.assert_array_equal(values[0, :2], [1.0, 2.0])
     assert np.isnan(values[0, 2])
     np.testing.assert_array_equal(values[1], [3.0, 4.0, 5.0])
+
+
+def test_reader_keeps_variables_that_a_later_fit_no_longer_trains(tmp_path):
+    # Frozen after the first fit: the second file names fewer variables. The run keeps them all.
+    first = EventWriter(tmp_path)
+    first.write_stat("grad_norm", 0, [1.0, 2.0, 3.0], ["a", "b", "c"])
+    first.close()
+    second = EventWriter(tmp_path)
+    second.write_stat("grad_norm", 1, [4.0, 5.0], ["b", "c"])
+    second.close()
+    steps, names, values = read_run(tmp_path).stat("grad_norm")
+    assert names == ["a", "b", "c"]
+    np.testing.assert_array_equal(values[0], [1.0, 2.0, 3.0])
+    assert np.isnan(values[1, 0]) and list(values[1, 1:]) == [4.0, 5.0]
+
+
+def test_latest_records_reads_the_last_step_and_model_summary(tmp_path):
+    from keras_vg.reader import latest_records
+
+    assert latest_records(tmp_path / "missing") == (None, None)
+    first = EventWriter(tmp_path)
+    first.write_json(fmt.MODEL_NAME, 0, {"name": "first"})
+    first.write_stat("grad_norm", 7, [1.0], ["a"])
+    first.close()
+    second = EventWriter(tmp_path)
+    second.write_json(fmt.MODEL_NAME, 8, {"name": "second"})
+    second.write_stat("grad_norm", 12, [1.0], ["a"])
+    second.write_stat("grad_norm", 10, [1.0], ["a"])
+    second.close()
+    assert latest_records(tmp_path) == (12, {"name": "second"})

@@ -38,9 +38,9 @@ def build_mlp(optimizer=None, strategy=None, **compile_kwargs):
         return build()
 
 
-def fit_monitored(model, data, log_dir, epochs=1, **monitor_kwargs):
+def fit_monitored(model, data, log_dir, epochs=1, every=1, **monitor_kwargs):
     x, y = data
-    monitor = keras_vg.GradientMonitor(log_dir, verbose=0, **monitor_kwargs)
+    monitor = keras_vg.GradientMonitor(log_dir, every=every, verbose=0, **monitor_kwargs)
     model.fit(x, y, batch_size=BATCH, epochs=epochs, shuffle=False, verbose=0, callbacks=[monitor])
     return monitor, keras_vg.read_run(log_dir)
 
@@ -84,7 +84,7 @@ def test_grad_norm_and_update_ratio_match_gradient_tape(tmp_path, regression_dat
     assert run.stat("grad_nonfinite")[2].sum() == 0
 
 
-def test_grad_nonfinite_adds_up_each_windows_counts_and_nothing_else_is_recorded(tmp_path, regression_data):
+def test_grad_nonfinite_counts_the_record_steps_gradient_and_nothing_else_is_recorded(tmp_path, regression_data):
     # A NaN target in batch 1 makes that step's gradient NaN; the update spreads NaN to the
     # weights and so to every later gradient. (Partial counts: tests/test_stats.py.)
     x, y = regression_data
@@ -96,8 +96,7 @@ def test_grad_nonfinite_adds_up_each_windows_counts_and_nothing_else_is_recorded
     assert run.stats() == ["grad_nonfinite"]
     steps, _, values = run.stat("grad_nonfinite")
     np.testing.assert_array_equal(steps, [0, 3, 6])
-    # Each record counts the steps since the previous one: 0; 1-3; 4-6.
-    np.testing.assert_array_equal(values, [counts[0], counts[1:4].sum(axis=0), counts[4:7].sum(axis=0)])
+    np.testing.assert_array_equal(values, counts[[0, 3, 6]])
 
 
 @pytest.mark.parametrize("stats", [["grad_max_abs"], ["global_grad_norm", "weight_norm"]])
@@ -184,25 +183,29 @@ def test_xla_with_every_records_each_recorded_steps_update(tmp_path, regression_
         np.testing.assert_allclose(values, function_reference.stat(stat)[2][::3], rtol=2e-5, atol=1e-7, err_msg=stat)
 
 
-def test_mirrored_strategy_equals_single_device(tmp_path, regression_data_module, function_reference, two_cpu_strategy):
+@pytest.mark.parametrize("every", [1, 3])
+def test_mirrored_strategy_equals_single_device(every, tmp_path, regression_data_module, function_reference,
+                                                two_cpu_strategy):
     model = build_mlp(adam, strategy=two_cpu_strategy)
-    _, run = fit_monitored(model, regression_data_module, tmp_path, epochs=2)
+    _, run = fit_monitored(model, regression_data_module, tmp_path, epochs=2, every=every)
     for stat in ("grad_norm", "grad_max_abs", "weight_norm", "update_ratio", "dead_fraction",
                  "saturation_fraction", "global_grad_norm"):
         steps, _, values = run.stat(stat)
-        np.testing.assert_array_equal(steps, function_reference.stat(stat)[0])
-        np.testing.assert_allclose(values, function_reference.stat(stat)[2], rtol=1e-5, atol=1e-7,
+        np.testing.assert_array_equal(steps, function_reference.stat(stat)[0][::every])
+        np.testing.assert_allclose(values, function_reference.stat(stat)[2][::every], rtol=1e-5, atol=1e-7,
                                    err_msg=stat)
 
 
-def test_mixed_float16_values_are_unscaled(tmp_path, regression_data_module, function_reference):
+@pytest.mark.parametrize("every", [1, 3])
+def test_mixed_float16_values_are_unscaled(every, tmp_path, regression_data_module, function_reference):
     keras.mixed_precision.set_global_policy("mixed_float16")
     # A scale of 2**8 rather than the default 2**15 keeps step 0 from overflowing (a skipped step
     # would shift the steps against the reference); a scaled value would still be off 256-fold.
     model = build_mlp(lambda: keras.optimizers.LossScaleOptimizer(adam(), initial_scale=2**8))
-    _, run = fit_monitored(model, regression_data_module, tmp_path, epochs=1)
+    _, run = fit_monitored(model, regression_data_module, tmp_path, epochs=2, every=every)
     steps, _, values = run.stat("grad_norm")
-    reference = function_reference.stat("grad_norm")[2][: len(steps)]
+    np.testing.assert_array_equal(steps, np.arange(0, 8, every))
+    reference = function_reference.stat("grad_norm")[2][steps]
     # The loss scale starts at 32768: scaled values would be off by that factor.
     np.testing.assert_allclose(values, reference, rtol=2e-2)
 
@@ -221,7 +224,7 @@ class ActivationProbe(keras.callbacks.Callback):
 
 @pytest.mark.parametrize("mode", ["function", "xla"])
 def test_dead_and_saturation_fractions_match_numpy_on_the_steps_activations(mode, tmp_path):
-    """Saturation of the recorded step's own batch; dead units over every step since the previous record."""
+    """Saturation and dead units of the recorded step's own batch."""
     keras.utils.set_random_seed(1)
     # Biases from 0 down to -4: the first units fire on most samples, the last on none.
     graded = keras.initializers.Constant(np.linspace(0.0, -4.0, 32))
@@ -256,8 +259,7 @@ def test_dead_and_saturation_fractions_match_numpy_on_the_steps_activations(mode
     steps, names, dead = run.stat("dead_fraction")
     assert names == ["relu"]
     for row, step in enumerate(steps):
-        window = range(max(step - every + 1, 0), step + 1)
-        fired = np.any([np.any(probe.outputs[s][0] > 0, axis=0) for s in window], axis=0)
+        fired = np.any(probe.outputs[step][0] > 0, axis=0)
         np.testing.assert_allclose(dead[row, 0], np.mean(~fired), atol=1e-6)
     assert 0 < dead.min() and dead.max() < 1
 
@@ -280,3 +282,44 @@ def test_layer_called_inside_the_models_own_loop_is_left_out_with_a_warning(tmp_
         _, run = fit_monitored(model, regression_data, tmp_path)
     assert len(run.stat("grad_norm")[0]) == 4  # the rest is recorded
     assert np.all(np.isnan(run.stat("saturation_fraction")[2]))
+
+
+class CountingSequential(keras.Sequential):
+    """Counts how often Keras traces (or, eagerly, runs) the train step."""
+
+    traces = 0
+
+    def train_step(self, data):
+        CountingSequential.traces += 1
+        return super().train_step(data)
+
+
+def test_two_functions_each_traced_once_across_fits(tmp_path, regression_data):
+    # The design needs exactly two: Keras's own for steps that record nothing, and the
+    # instrumented one for record steps. A second fit with the same monitor traces neither again.
+    keras.utils.set_random_seed(0)
+    model = CountingSequential([keras.Input((8,)), keras.layers.Dense(16, activation="relu"), keras.layers.Dense(1)])
+    model.compile(optimizer=keras.optimizers.SGD(LEARNING_RATE), loss="mse")
+    monitor = keras_vg.GradientMonitor(tmp_path, every=3, verbose=0)
+    CountingSequential.traces = 0
+    for _ in range(2):
+        model.fit(*regression_data, batch_size=BATCH, epochs=2, shuffle=False, verbose=0, callbacks=[monitor])
+    # Two traces of the train step in all: the instrumented function's, and Keras's own.
+    assert (monitor.tap.trace_count, CountingSequential.traces) == (1, 2)
+    np.testing.assert_array_equal(keras_vg.read_run(tmp_path).stat("grad_norm")[0], np.arange(0, 16, 3))
+
+
+@pytest.mark.parametrize("mode,every", [("function", 1), ("function", 3), ("xla", 1), ("xla", 3)])
+def test_monitoring_never_changes_training(mode, every, tmp_path, regression_data):
+    weights = []
+    for monitored in (True, False):
+        model = build_mlp(adam, **MODES[mode])
+        callbacks = [keras_vg.GradientMonitor(tmp_path, every=every, verbose=0)] if monitored else []
+        model.fit(*regression_data, batch_size=BATCH, epochs=3, shuffle=False, verbose=0, callbacks=callbacks)
+        weights.append([v.numpy() for v in model.weights])
+    for with_monitor, without in zip(*weights):
+        if mode == "function":
+            np.testing.assert_array_equal(with_monitor, without)  # bit for bit
+        else:
+            # XLA may fuse the instrumented function differently: float32 rounding, after 12 steps.
+            np.testing.assert_allclose(with_monitor, without, rtol=1e-5, atol=1e-6)

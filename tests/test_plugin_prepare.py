@@ -13,6 +13,7 @@ import threading
 
 import numpy as np
 import pytest
+import tensorboard_browser as testing
 from tensorboard import context as context_lib
 from tensorboard.backend import application
 from tensorboard.backend.event_processing import data_provider as provider_lib
@@ -24,8 +25,9 @@ from keras_vg import detect
 from keras_vg import format as fmt
 from keras_vg.event_writer import EventWriter
 from keras_vg.reader import read_run
-from tb_plugin import background, downsample, testing
+from tb_plugin import background, downsample
 from tb_plugin import data as data_lib
+from tb_plugin import plugin as plugin_lib
 from tb_plugin.plugin import GradientsPlugin
 
 NAMES = [f"dense_{i}/kernel" for i in range(6)]
@@ -163,19 +165,46 @@ def get(client, route, **params):
     return response.status_code, json.loads(response.get_data(as_text=True))
 
 
+class ObservedPlugin(GradientsPlugin):
+    """The plugin with its background passes counted from outside: the product keeps no count."""
+
+    def __init__(self, *args, **kwargs):
+        self.passes = 0
+        self.passed = threading.Condition()
+        super().__init__(*args, **kwargs)
+
+    def prepare_runs(self, ctx, eid, requested):
+        try:
+            return super().prepare_runs(ctx, eid, requested)
+        finally:
+            with self.passed:
+                self.passes += 1
+                self.passed.notify_all()
+
+
 def wait_for_passes(plugin, count):
     """Waits until the background thread has finished `count` more passes."""
-    target = plugin._preparer.passes + count
-    testing.wait_until(lambda: plugin._preparer.passes >= target, timeout=60, interval=0.02,
-                       what="the background preparation")
+    with plugin.passed:
+        target = plugin.passes + count
+        assert plugin.passed.wait_for(lambda: plugin.passes >= target, timeout=60), "no background pass"
+
+
+def heatmaps(client):
+    """The grad_norm heatmap with layer rows (the page's first) and with variable rows."""
+    answers = [get(client, "/heatmap", run="run", stat="grad_norm", columns=1000, by=by)
+               for by in ("layer", "variable")]
+    assert [code for code, _ in answers] == [200, 200]
+    return [body for _, body in answers]
 
 
 def assert_heatmap_matches_files(body, run_dir):
     run = read_run(run_dir)
-    steps, names, values = run.stat("grad_norm")
+    by = body["rows"]
+    steps, names, values = run.stat("grad_norm", by=by)
     assert body["names"] == names and body["step_start"] == steps.tolist()
     got = downsample.decode_log16(body["values"], (len(names), body["columns"]))
     np.testing.assert_allclose(got, values.T, rtol=LOG16_RTOL, equal_nan=True)
+    # One variable per layer here (`dense_i/kernel`), so a layer's class is its variable's.
     expected = detect.classify({s: run.stat(s) for s in run.stats()})
     classes = np.zeros((len(names), body["columns"]), np.int8)
     for row, first, last, code in np.reshape(body["classes"]["runs"], (-1, 4)):
@@ -187,47 +216,48 @@ def test_background_preparation_is_ready_before_the_request(live, tmp_path):
     writer, reload, provider = live
     write_steps(writer, range(0, 30))
     reload()
-    plugin = GradientsPlugin(base_plugin.TBContext(data_provider=provider), poll_seconds=0.01)
+    plugin = ObservedPlugin(base_plugin.TBContext(data_provider=provider), poll_seconds=0.01)
     client = werkzeug_test.Client(application.TensorBoardWSGI([plugin], data_provider=provider))
     try:
         assert get(client, "/runs")[0] == 200  # the page opens: the thread starts
         wait_for_passes(plugin, 2)
         reads = provider.reads
         assert reads == len(STATS)  # the one run, every statistic, read once
-        code, body = get(client, "/heatmap", run="run", stat="grad_norm", columns=1000)
-        assert code == 200 and provider.reads == reads  # answered from the prepared data
-        assert_heatmap_matches_files(body, tmp_path / "run")
+        for body in heatmaps(client):
+            assert_heatmap_matches_files(body, tmp_path / "run")
+        assert provider.reads == reads  # answered from the prepared data
 
         # TensorBoard loads new records while training goes on.
         write_steps(writer, range(30, 60), seed=1)
         reload()
         wait_for_passes(plugin, 2)
         reads = provider.reads
-        code, body = get(client, "/heatmap", run="run", stat="grad_norm", columns=1000)
-        assert code == 200 and provider.reads == reads
-        assert body["num_steps"] == 60
-        assert_heatmap_matches_files(body, tmp_path / "run")
-        assert detect.EXPLODING in np.reshape(body["classes"]["runs"], (-1, 4))[:, 3]
+        for body in heatmaps(client):
+            assert body["num_steps"] == 60
+            assert_heatmap_matches_files(body, tmp_path / "run")
+            assert detect.EXPLODING in np.reshape(body["classes"]["runs"], (-1, 4))[:, 3]
+        assert provider.reads == reads
     finally:
         assert plugin.close()
 
 
-def test_plugin_built_by_tensorboard_prepares_before_the_page_opens(live, tmp_path):
+def test_plugin_built_by_tensorboard_prepares_before_the_page_opens(live, tmp_path, monkeypatch):
     from tb_plugin.loader import GradientsPluginLoader
 
     writer, reload, provider = live
     write_steps(writer, range(0, 30))
     reload()
+    monkeypatch.setattr(plugin_lib, "GradientsPlugin", ObservedPlugin)  # what the loader builds
     plugin = GradientsPluginLoader().load(base_plugin.TBContext(data_provider=provider))
     try:
-        assert plugin._preparer.running  # no request yet
+        assert isinstance(plugin, ObservedPlugin) and plugin._preparer.running  # no request yet
         wait_for_passes(plugin, 2)
         reads = provider.reads
         assert reads == len(STATS)
         client = werkzeug_test.Client(application.TensorBoardWSGI([plugin], data_provider=provider))
-        code, body = get(client, "/heatmap", run="run", stat="grad_norm", columns=1000)
-        assert code == 200 and provider.reads == reads  # the first heatmap was ready
-        assert_heatmap_matches_files(body, tmp_path / "run")
+        for body in heatmaps(client):
+            assert_heatmap_matches_files(body, tmp_path / "run")
+        assert provider.reads == reads  # the first heatmaps were ready
     finally:
         assert plugin.close()
 

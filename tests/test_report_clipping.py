@@ -73,8 +73,9 @@ def test_the_report_states_the_clipping_the_records_show(run, capsys):
     range_ = (f"step {clipped_steps[0]}" if len(set(clipped_steps)) == 1
               else f"steps {clipped_steps[0]}-{clipped_steps[-1]}")
     count = int(clipped.sum())
-    assert f"; clipped {count} step{'' if count == 1 else 's'}, at {range_}; skipped 1 non-finite step (at {NAN});" \
-        in text
+    assert (f"; clipped {count} step{'' if count == 1 else 's'}, at {range_}; 1 step skipped by AutoClip "
+            f"(non-finite gradients, not applied), at step {NAN};") in text
+    assert "stalled" not in text.lower()  # issue 13: a skipped step is not a stall
 
 
 def test_findings_during_clipping_say_how_it_went_instead_of_suggesting_it(run, capsys):
@@ -89,5 +90,10 @@ def test_findings_during_clipping_say_how_it_went_instead_of_suggesting_it(run, 
         assert not {"clipping", "clip_earlier"} & {r.key for r in finding.remedies}, finding.message
         assert "\n  Clipping: AutoClip was on " in finding.message
     assert exploding[0].clipped >= 1  # the spike itself was clipped
-    assert nonfinite[0].skipped == 1 and "and skipped 1 of" in nonfinite[0].message
+    assert nonfinite[0].skipped == 1 and "and 1 step was skipped by AutoClip (not applied)" in nonfinite[0].message
+    # The skipped step is a finding of its own, with its count and step.
+    [skipped] = [f for f in diagnosis.findings if f.kind == "skipped"]
+    assert (skipped.first_step, skipped.last_step, skipped.figure, skipped.remedies) == (NAN, NAN, 1.0, ())
+    assert f"Steps skipped by AutoClip - training: 1 step with a non-finite gradient was skipped by AutoClip " \
+           f"at step {NAN}." in skipped.message
     assert "add keras_vg.AutoClip()" not in _report(run, capsys)

@@ -1,10 +1,12 @@
 """Pure statistics against numpy."""
 
+import keras
 import numpy as np
 import pytest
 import tensorflow as tf
 
 from keras_vg import stats
+from keras_vg.layers import Gate
 
 
 def gradient_stats(values):
@@ -69,12 +71,57 @@ def test_update_ratios_and_undefined_ratio():
     assert weight_norms.numpy()[1] == 0 and np.isnan(ratios.numpy()[1])
 
 
-def test_fired_units_per_unit_and_channel_axis():
+def test_passing_units_per_unit_and_channel_axis():
     outputs = np.array([[[0.0, 1.0], [0.0, 0.0]], [[0.0, 2.0], [-1.0, -3.0]]], np.float32)  # [B, H, C]
     for axis in (-1, 1):
         expected = (np.moveaxis(outputs, axis, -1) > 0).reshape(-1, 2).any(axis=0)
-        np.testing.assert_array_equal(stats.fired_units(tf.constant(outputs), axis).numpy(), expected)
-    np.testing.assert_array_equal(stats.fired_units(tf.constant(outputs), 1).numpy(), [1, 0])
+        np.testing.assert_array_equal(stats.passing_units(tf.constant(outputs), Gate(0.0, None), axis).numpy(),
+                                      expected)
+    np.testing.assert_array_equal(stats.passing_units(tf.constant(outputs), Gate(0.0, None), 1).numpy(), [1, 0])
+
+
+SELU_SCALE, SELU_ALPHA = 1.0507009873554805, 1.6732632423543772
+
+
+@pytest.mark.parametrize("layer,outputs", [
+    # ELU's slope below 0 is y + 1: a unit at -0.9995 passes 5e-4 of the positive slope, at -0.99 1e-2.
+    (keras.layers.Activation("elu"), [[-0.9995, -0.99], [-0.9999, -0.5]]),
+    # SELU's slope below 0 is y + 1.7581, against 1.0507 above.
+    (keras.layers.Activation("selu"), [[-1.7575, -1.70], [-1.758, -1.0]]),
+    (keras.layers.Activation("relu6"), [[6.0, 5.9], [0.0, 0.0]]),
+    (keras.layers.ReLU(max_value=2.0), [[2.0, 1.0], [0.0, 0.0]]),
+], ids=["elu", "selu", "relu6", "relu_max_value"])
+def test_a_unit_passes_gradient_where_its_activations_slope_is_not_negligible(layer, outputs):
+    from keras_vg.layers import DEAD_UNIT_SLOPE, activation_name, dead_unit_gate
+
+    outputs = np.array(outputs, np.float32)
+    name = activation_name(layer)
+    # The reference: the activation's own slope, by autodiff, at inputs that give these outputs.
+    if name == "elu":
+        x = np.where(outputs > 0, outputs, np.log1p(outputs))
+    elif name == "selu":
+        x = np.where(outputs > 0, outputs / SELU_SCALE, np.log1p(outputs / (SELU_SCALE * SELU_ALPHA)))
+    else:  # below 0 or at the top, past the bend
+        top = 6.0 if name == "relu6" else 2.0
+        x = np.where(outputs <= 0, -1.0, np.where(outputs >= top, top + 1.0, outputs))
+    x = tf.constant(x, tf.float32)
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        y = layer(x)
+    np.testing.assert_allclose(y.numpy(), outputs, atol=2e-4)
+    positive_slope = SELU_SCALE if name == "selu" else 1.0
+    expected = (tape.gradient(y, x).numpy() > DEAD_UNIT_SLOPE * positive_slope).any(axis=0)
+    marks = stats.passing_units(tf.constant(outputs), dead_unit_gate(layer)).numpy()
+    np.testing.assert_array_equal(marks.astype(bool), expected)
+    assert expected.any() and not expected.all()  # each case holds a dead and a live unit
+
+
+def test_leaky_units_are_never_dead():
+    from keras_vg.layers import dead_unit_gate
+
+    for layer in (keras.layers.LeakyReLU(), keras.layers.PReLU(), keras.layers.ReLU(negative_slope=0.1),
+                  keras.layers.Dense(2, activation="leaky_relu"), keras.layers.Dense(2, activation="gelu")):
+        assert dead_unit_gate(layer) is None, layer
 
 
 def test_saturated_count_for_sigmoid_and_tanh():

@@ -2,6 +2,7 @@
 // (statistic vs depth) and the per-layer curves (statistics vs step).
 // Lines differ by dash as well as colour, so they read in monochrome too.
 
+import {sizeCanvas} from './canvas.js';
 import {formatValue} from './model.js';
 
 const STYLES = [
@@ -33,13 +34,7 @@ const PAD = {left: 58, right: 12, top: 10, bottom: 30};
 export function drawChart(canvas, spec) {
   const width = Math.max(120, canvas.parentElement.clientWidth);
   const height = spec.height || 220;
-  const dpr = window.devicePixelRatio || 1;
-  canvas.style.width = `${width}px`;
-  canvas.style.height = `${height}px`;
-  canvas.width = Math.round(width * dpr);
-  canvas.height = Math.round(height * dpr);
-  const ctx = canvas.getContext('2d');
-  ctx.setTransform(dpr, 0, 0, dpr, 0, 0);
+  const ctx = sizeCanvas(canvas, width, height);
   ctx.fillStyle = '#fff';
   ctx.fillRect(0, 0, width, height);
 

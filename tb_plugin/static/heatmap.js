@@ -1,23 +1,24 @@
-// The heatmap: variables (rows, model order, input at the top) x step buckets
-// (columns), coloured by log10 of the statistic through a 256-colour table.
-// Cells are written into an ImageData of one pixel per cell and scaled up
-// without smoothing, so 10^6 cells cost one drawImage, not 10^6 fillRects.
-// Region marks are patterns, so vanishing and exploding stand out in print.
+// The heatmap: layers or variables (rows, model order, input at the top) x
+// step buckets (columns), coloured by log10 of the statistic through a
+// 256-colour table. Cells are written into an ImageData of one pixel per cell
+// and scaled up without smoothing, so 10^6 cells cost one drawImage, not 10^6
+// fillRects. Class marks are patterns, so they stand out in print.
+//
+// What the classes are, which pattern marks each, and whether a NaN means "no
+// value" all come from the server's answer (keras_vg.heatmap_marks): this
+// module knows how to draw a pattern, not which class it stands for.
 
+import {sizeCanvas} from './canvas.js';
 import {readCode} from './model.js';
 
 export const BACKGROUND = [255, 255, 255];
-const NON_FINITE = [255, 0, 255]; // magenta: NaN or inf where it means a broken value
-const UNDEFINED = [200, 200, 200]; // grey: NaN meaning "undefined" or "no record"
-const VANISHING = 1;
-const EXPLODING = 2;
-const NONFINITE_CLASS = 3;
+export const NON_FINITE = [255, 0, 255]; // magenta: NaN or inf where it means a broken value
+export const UNDEFINED = [200, 200, 200]; // grey: NaN meaning "undefined" or "no record"
 const LABEL_FONT = '11px sans-serif';
-
-// Statistics whose NaN means "undefined" (update ratio of zero weights) or
-// "no record", not a broken value; and the ones drawn on a linear 0..1 scale.
-const NAN_IS_ABSENT = new Set(['update_ratio', 'dead_fraction', 'saturation_fraction']);
-export const FRACTION_STATS = new Set(['dead_fraction', 'saturation_fraction']);
+// Classes whose cells also get an outline, and a ring where cells are tiny:
+// one step of one row must not hide among a million cells.
+const OUTLINED = new Set(['exploding']);
+const RINGED = new Set(['exploding', 'nonfinite']);
 
 // Viridis, sampled at 9 points and interpolated to 256 entries.
 const VIRIDIS = [
@@ -44,7 +45,7 @@ export const LUT = makeLut();
  * @return {{lo: number, hi: number, linear: boolean}}
  */
 export function colourRange(heatmap) {
-  const linear = FRACTION_STATS.has(heatmap.json.stat);
+  const linear = heatmap.json.scale === 'linear';
   if (linear) return {lo: 0, hi: 1, linear};
   const special = heatmap.json.encoding.special;
   const reserved = new Set(Object.values(special));
@@ -64,7 +65,7 @@ export function colourRange(heatmap) {
 function cellColour(code, heatmap, range) {
   const cell = readCode(code, heatmap.json.encoding);
   if (cell.kind === 'missing') return BACKGROUND;
-  if (cell.kind === 'nan' && NAN_IS_ABSENT.has(heatmap.json.stat)) return UNDEFINED;
+  if (cell.kind === 'nan' && heatmap.json.nan_is_absent) return UNDEFINED;
   if (cell.kind === 'nan' || cell.kind === 'pos_inf' || cell.kind === 'neg_inf') return NON_FINITE;
   if (cell.kind === 'negative') return UNDEFINED;
   const x = range.linear ? cell.value : cell.kind === 'zero' ? range.lo : cell.log10;
@@ -85,6 +86,20 @@ function colourTable(heatmap, range) {
   return table;
 }
 
+// Line segments of each hatch pattern in an 8 x 8 tile (keras_vg.heatmap_marks.MARKS names them).
+const HATCHES = {
+  diagonal: [[0, 8, 8, 0], [-4, 4, 4, -4], [4, 12, 12, 4]],
+  antidiagonal: [[0, 0, 8, 8], [-4, 4, 4, 12], [4, -4, 12, 4]],
+  cross: [[0, 8, 8, 0], [0, 0, 8, 8]],
+  vertical: [[4, 0, 4, 8]],
+};
+
+/**
+ * A repeating pattern: `dots`, or one of `HATCHES`.
+ * @param {CanvasRenderingContext2D} ctx
+ * @param {string} kind
+ * @return {CanvasPattern}
+ */
 function makePattern(ctx, kind) {
   const tile = document.createElement('canvas');
   tile.width = 8;
@@ -99,11 +114,10 @@ function makePattern(ctx, kind) {
   }
   // Thin white lines edged in black show on any colour, leave most of the
   // cell's colour visible, and print as texture in monochrome.
-  const lines = kind === 'cross' ? [[0, 8, 8, 0], [0, 0, 8, 8]] : [[0, 8, 8, 0], [-4, 4, 4, -4], [4, 12, 12, 4]];
   for (const [width, colour] of [[2.2, 'rgba(0,0,0,0.7)'], [1, '#fff']]) {
     g.lineWidth = width;
     g.strokeStyle = colour;
-    for (const [x1, y1, x2, y2] of lines) {
+    for (const [x1, y1, x2, y2] of HATCHES[kind] || []) {
       g.beginPath();
       g.moveTo(x1, y1);
       g.lineTo(x2, y2);
@@ -111,6 +125,15 @@ function makePattern(ctx, kind) {
     }
   }
   return ctx.createPattern(tile, 'repeat');
+}
+
+/**
+ * The classes a heatmap marks, most serious first, with their patterns.
+ * @param {Object} json a /heatmap answer
+ * @return {Array<{code: number, name: string, pattern: string}>}
+ */
+export function markedClasses(json) {
+  return json.marked.map((code) => ({code, name: json.regions[code], pattern: json.marks[json.regions[code]]}));
 }
 
 /**
@@ -132,8 +155,7 @@ export function layout(width, rows) {
 }
 
 /**
- * Draws a decoded heatmap into `canvas` and records how many non-background
- * pixels it drew in `canvas.dataset.drawnPixels` (read by the browser test).
+ * Draws a decoded heatmap into `canvas`.
  * @param {HTMLCanvasElement} canvas
  * @param {Object} heatmap from model.decodeHeatmap
  * @param {{row: ?number, column: ?number, box: ?Object}} selection
@@ -143,30 +165,21 @@ export function drawHeatmap(canvas, heatmap, selection = {}) {
   const width = canvas.parentElement.clientWidth;
   const geometry = layout(width, heatmap.rows);
   const dpr = window.devicePixelRatio || 1;
-  canvas.style.width = `${width}px`;
-  canvas.style.height = `${geometry.height}px`;
-  canvas.width = Math.round(width * dpr);
-  canvas.height = Math.round(geometry.height * dpr);
-  const ctx = canvas.getContext('2d');
-  ctx.setTransform(dpr, 0, 0, dpr, 0, 0);
+  const ctx = sizeCanvas(canvas, width, geometry.height);
   ctx.fillStyle = `rgb(${BACKGROUND.join(',')})`;
   ctx.fillRect(0, 0, width, geometry.height);
   const range = colourRange(heatmap);
   const {rows, columns} = heatmap;
-  if (rows === 0 || columns === 0) {
-    canvas.dataset.drawnPixels = '0';
-    return {layout: geometry, range};
-  }
+  if (rows === 0 || columns === 0) return {layout: geometry, range};
 
   // One pixel per cell, then scaled up.
   const cells = document.createElement('canvas');
   cells.width = columns;
   cells.height = rows;
   const image = cells.getContext('2d').createImageData(columns, rows);
-  const masks = {};
-  for (const region of [VANISHING, EXPLODING, NONFINITE_CLASS]) {
-    masks[region] = {alpha: new Uint8ClampedArray(rows * columns * 4), used: false};
-  }
+  const marked = markedClasses(heatmap.json);
+  const masks = new Map(marked.map((mark) => [mark.code,
+    {alpha: new Uint8ClampedArray(rows * columns * 4), used: false}]));
   const table = colourTable(heatmap, range);
   for (let i = 0; i < rows * columns; i++) {
     const t = 3 * (heatmap.codes[i] + 32768);
@@ -174,7 +187,7 @@ export function drawHeatmap(canvas, heatmap, selection = {}) {
     image.data[4 * i + 1] = table[t + 1];
     image.data[4 * i + 2] = table[t + 2];
     image.data[4 * i + 3] = 255;
-    const mask = heatmap.classes ? masks[heatmap.classes[i]] : undefined;
+    const mask = masks.get(heatmap.classes[i]);
     if (mask) {
       mask.alpha[4 * i + 3] = 255;
       mask.used = true;
@@ -185,9 +198,9 @@ export function drawHeatmap(canvas, heatmap, selection = {}) {
   const {x0, y0, w, h} = geometry;
   ctx.drawImage(cells, x0, y0, w, h);
 
-  // Region marks: a mask of the marked cells, scaled like the cells, filled with a pattern.
-  const patterns = {[VANISHING]: 'hatch', [EXPLODING]: 'cross', [NONFINITE_CLASS]: 'dots'};
-  for (const [region, mask] of Object.entries(masks)) {
+  // Class marks: a mask of the marked cells, scaled like the cells, filled with a pattern.
+  for (const {code, name, pattern} of marked) {
+    const mask = masks.get(code);
     if (!mask.used) continue;
     const maskCanvas = document.createElement('canvas');
     maskCanvas.width = columns;
@@ -200,27 +213,25 @@ export function drawHeatmap(canvas, heatmap, selection = {}) {
     l.imageSmoothingEnabled = false;
     l.drawImage(maskCanvas, 0, 0, layer.width, layer.height);
     l.globalCompositeOperation = 'source-in';
-    l.fillStyle = makePattern(l, patterns[region]);
+    l.fillStyle = makePattern(l, pattern);
     l.fillRect(0, 0, layer.width, layer.height);
     ctx.drawImage(layer, x0, y0, w, h);
-    // Exploding regions also get an outline, so they differ from vanishing ones at a glance.
-    if (Number(region) === EXPLODING) outlineMask(ctx, heatmap.classes, EXPLODING, geometry, columns);
+    // Outlined too, so that exploding regions differ from vanishing ones at a glance.
+    if (OUTLINED.has(name)) outlineMask(ctx, heatmap.classes, code, geometry, columns);
   }
-  ringSmallRegions(ctx, heatmap.classes, geometry, columns);
+  const ringed = new Set(marked.filter((mark) => RINGED.has(mark.name)).map((mark) => mark.code));
+  ringSmallRegions(ctx, heatmap.classes, ringed, geometry, columns);
 
   drawAxes(ctx, heatmap, geometry);
   drawSelection(ctx, selection, geometry, columns);
-  // For tests and tools: where the cells are, and how many pixels were drawn.
-  canvas.dataset.geometry = JSON.stringify({x0, y0, w, rowPx: geometry.rowPx, rows, columns});
-  canvas.dataset.drawnPixels = String(countDrawn(ctx, geometry, dpr));
   return {layout: geometry, range};
 }
 
 /**
- * Rings exploding and non-finite cells that are smaller than a few pixels
- * (one step of one variable among 10^6 cells), so that they cannot hide.
+ * Rings the cells of the `ringed` classes where cells are smaller than a few
+ * pixels (one step of one variable among 10^6 cells), so that they cannot hide.
  */
-function ringSmallRegions(ctx, classes, geometry, columns) {
+function ringSmallRegions(ctx, classes, ringed, geometry, columns) {
   const {x0, y0, w, rowPx} = geometry;
   const cw = w / columns;
   if (cw >= 6 && rowPx >= 6) return; // cells are big enough to see
@@ -228,7 +239,7 @@ function ringSmallRegions(ctx, classes, geometry, columns) {
   const MAX_RINGS = 2000; // beyond that, regions are large and the patterns show them
   const rings = [];
   for (let i = 0; i < classes.length && rings.length <= MAX_RINGS; i++) {
-    if (classes[i] === EXPLODING || classes[i] === NONFINITE_CLASS) rings.push(i);
+    if (ringed.has(classes[i])) rings.push(i);
   }
   if (rings.length > MAX_RINGS) return;
   ctx.save();
@@ -318,17 +329,6 @@ function drawSelection(ctx, selection, geometry, columns) {
   ctx.restore();
 }
 
-function countDrawn(ctx, geometry, dpr) {
-  const {x0, y0, w, h} = geometry;
-  const data = ctx.getImageData(Math.round(x0 * dpr), Math.round(y0 * dpr),
-    Math.max(1, Math.round(w * dpr)), Math.max(1, Math.round(h * dpr))).data;
-  let count = 0;
-  for (let i = 0; i < data.length; i += 4) {
-    if (data[i] !== BACKGROUND[0] || data[i + 1] !== BACKGROUND[1] || data[i + 2] !== BACKGROUND[2]) count++;
-  }
-  return count;
-}
-
 /**
  * Which cell is under a point of the canvas.
  * @param {Object} geometry from `layout`
@@ -346,41 +346,15 @@ export function cellAt(geometry, heatmap, x, y) {
 }
 
 /**
- * Draws the colour scale and the region marks' legend.
+ * Draws the colour scale: the 256 colours with the range's ends below.
  * @param {HTMLCanvasElement} canvas
  * @param {{lo: number, hi: number, linear: boolean}} range
  */
-export function drawLegend(canvas, range) {
-  const swatches = [
-    ['hatch', null, 'vanishing'], ['cross', null, 'exploding'],
-    ['dots', NON_FINITE, 'non-finite'], [null, UNDEFINED, 'undefined / no record'],
-  ];
-  // Lay the swatches out first, wrapping to a new line where the panel is narrow.
-  const width = Math.max(200, Math.min(640, canvas.parentElement.clientWidth));
-  const measure = document.createElement('canvas').getContext('2d');
-  measure.font = LABEL_FONT;
-  const places = [];
-  let x = 180;
-  let y = 2;
-  for (const swatch of swatches) {
-    const room = 26 + measure.measureText(swatch[2]).width + 12;
-    if (x + room > width && x > 180) {
-      x = 180;
-      y += 20;
-    }
-    places.push([x, y]);
-    x += room;
-  }
-  const height = Math.max(30, y + 20);
-  const dpr = window.devicePixelRatio || 1;
-  canvas.style.width = `${width}px`;
-  canvas.style.height = `${height}px`;
-  canvas.width = Math.round(width * dpr);
-  canvas.height = Math.round(height * dpr);
-  const ctx = canvas.getContext('2d');
-  ctx.setTransform(dpr, 0, 0, dpr, 0, 0);
-  for (let i = 0; i < 160; i++) {
-    const [r, g, b] = LUT[Math.round((i / 159) * 255)];
+export function drawScale(canvas, range) {
+  const width = 160;
+  const ctx = sizeCanvas(canvas, width, 30);
+  for (let i = 0; i < width; i++) {
+    const [r, g, b] = LUT[Math.round((i / (width - 1)) * 255)];
     ctx.fillStyle = `rgb(${r},${g},${b})`;
     ctx.fillRect(i, 2, 1, 12);
   }
@@ -391,23 +365,25 @@ export function drawLegend(canvas, range) {
   ctx.textAlign = 'left';
   ctx.fillText(label(range.lo), 0, 16);
   ctx.textAlign = 'right';
-  ctx.fillText(label(range.hi), 160, 16);
-  ctx.textAlign = 'left';
-  ctx.textBaseline = 'middle';
-  swatches.forEach(([pattern, colour, text], i) => {
-    const [sx, sy] = places[i];
-    if (colour) {
-      ctx.fillStyle = `rgb(${colour.join(',')})`;
-      ctx.fillRect(sx, sy, 16, 16);
-    }
-    if (pattern) {
-      ctx.fillStyle = makePattern(ctx, pattern);
-      ctx.fillRect(sx, sy, 16, 16);
-    }
-    ctx.strokeStyle = '#000';
-    ctx.lineWidth = 1;
-    ctx.strokeRect(sx, sy, 16, 16);
-    ctx.fillStyle = '#333';
-    ctx.fillText(text, sx + 20, sy + 8);
-  });
+  ctx.fillText(label(range.hi), width, 16);
+}
+
+/**
+ * Draws one legend swatch: a colour, a pattern over it, or both.
+ * @param {HTMLCanvasElement} canvas
+ * @param {?string} pattern a pattern name (`dots` or a hatch), or null
+ * @param {?Array<number>} colour RGB, or null
+ */
+export function drawSwatch(canvas, pattern, colour) {
+  const size = 16;
+  const ctx = sizeCanvas(canvas, size, size);
+  ctx.fillStyle = colour ? `rgb(${colour.join(',')})` : '#777';
+  ctx.fillRect(0, 0, size, size);
+  if (pattern) {
+    ctx.fillStyle = makePattern(ctx, pattern);
+    ctx.fillRect(0, 0, size, size);
+  }
+  ctx.strokeStyle = '#000';
+  ctx.lineWidth = 1;
+  ctx.strokeRect(0.5, 0.5, size - 1, size - 1);
 }

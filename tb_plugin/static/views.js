@@ -1,6 +1,8 @@
 // Pure DOM builders. Every piece of text goes through textContent: run,
 // layer and variable names are untrusted and must never be parsed as HTML.
 
+import {NON_FINITE, UNDEFINED, drawScale, drawSwatch, markedClasses} from './heatmap.js';
+
 export const STAT_LABELS = {
   grad_norm: 'gradient norm',
   grad_max_abs: 'max |gradient|',
@@ -47,6 +49,57 @@ export function select(label, options, selected, onChange) {
   node.addEventListener('change', () => onChange(node.value));
   root.append(node);
   return {root, select: node};
+}
+
+/**
+ * A group of radio buttons: every choice one click away.
+ * @param {string} label
+ * @param {Array<{value: string, text: string}>} options
+ * @param {string} selected
+ * @param {function(string)} onChange
+ * @return {HTMLElement}
+ */
+export function choice(label, options, selected, onChange) {
+  const root = el('fieldset', 'kvg-field kvg-choice');
+  root.append(el('legend', 'kvg-field-label', label));
+  const name = `kvg-choice-${label.toLowerCase().replace(/[^a-z]/g, '')}`;
+  for (const {value, text} of options) {
+    const option = el('label', 'kvg-choice-option');
+    const input = el('input');
+    input.type = 'radio';
+    input.name = name;
+    input.value = value;
+    input.checked = value === selected;
+    input.addEventListener('change', () => { if (input.checked) onChange(value); });
+    option.append(input, el('span', null, text));
+    root.append(option);
+  }
+  return root;
+}
+
+/**
+ * The heatmap's legend: its colour scale, then every mark it can draw, named.
+ * @param {Object} json the /heatmap answer
+ * @param {{lo: number, hi: number, linear: boolean}} range from heatmap.colourRange
+ * @return {HTMLElement}
+ */
+export function legend(json, range) {
+  const root = el('div', 'kvg-legend');
+  const scale = el('canvas', 'kvg-legend-scale');
+  drawScale(scale, range);
+  root.append(scale);
+  const entries = markedClasses(json).map((mark) => [mark.pattern, null, mark.name]);
+  // Values off the colour scale: NaN is a broken value, or (for some statistics) no value.
+  entries.push(json.nan_is_absent ? [null, UNDEFINED, 'undefined / no record'] :
+    [null, NON_FINITE, 'non-finite value']);
+  for (const [pattern, colour, text] of entries) {
+    const item = el('span', 'kvg-legend-item');
+    const swatch = el('canvas', 'kvg-legend-swatch');
+    drawSwatch(swatch, pattern, colour);
+    item.append(swatch, el('span', 'kvg-legend-label', text));
+    root.append(item);
+  }
+  return root;
 }
 
 /**

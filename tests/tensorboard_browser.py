@@ -1,7 +1,7 @@
 """Drives the plugin the way a user sees it: a real `tensorboard` and headless Chromium.
 
-Used by `tests/test_plugin_browser.py`, `benchmarks/plugin_scale.py` and to
-make `docs/images/dashboard.png`. Standard library only: Chromium is driven
+Test code, not shipped: used by `tests/test_plugin_browser.py`,
+`benchmarks/plugin_scale.py` and to make `docs/images/dashboard.png`. Standard library only: Chromium is driven
 over the DevTools protocol through `--remote-debugging-pipe` (JSON messages
 ended by NUL bytes on file descriptors 3 and 4), so no websocket client is
 needed. The plugin itself never imports this module.
@@ -38,12 +38,15 @@ ENTRY_POINT = "keras_vg = tb_plugin.loader:GradientsPluginLoader"
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def write_demo_run(log_dir, names, steps=60, spike=(23, 2), nan=(37, 4)):
+def write_demo_run(log_dir, names, steps=60, spike=(23, 2), nan=(37, 4), layers=None, dead=None,
+                   alert=False):
     """Writes a small synthetic run with `keras_vg.event_writer.EventWriter`.
 
     Gradient norms grow from 1e-6 (input side, vanishing) to 1 (output side);
     one variable spikes to 1e4 at one step and one is NaN at one step;
     clipping turns on at step 10, off at 20, and step `nan[0]` is skipped.
+    Weight norms differ per variable and update ratios per variable and
+    step, so that combining them per layer is not trivial.
 
     Args:
         log_dir: The run directory.
@@ -51,6 +54,16 @@ def write_demo_run(log_dir, names, steps=60, spike=(23, 2), nan=(37, 4)):
         steps: Recorded steps `0 .. steps-1`. Defaults to `60`.
         spike: `(step, variable index)` of the spike. Defaults to `(23, 2)`.
         nan: `(step, variable index)` of the NaN. Defaults to `(37, 4)`.
+        layers: The layer of each variable, or None. When given, a model
+            summary names each layer's variables (as `GradientMonitor`
+            writes it) and each layer records a `dead_fraction` of 0.05.
+            Defaults to `None`.
+        dead: `(layer index, first step)`: that layer's dead fraction is
+            0.95 from that step on (a dead region), or None. Needs
+            `layers`. Defaults to `None`.
+        alert: Whether to record an `alert` event at the spike, as the
+            monitor does for what it finds while training. Defaults to
+            `False`.
     """
     import numpy as np
 
@@ -59,6 +72,13 @@ def write_demo_run(log_dir, names, steps=60, spike=(23, 2), nan=(37, 4)):
 
     writer = EventWriter(log_dir)
     rng = np.random.default_rng(0)
+    layer_names = list(dict.fromkeys(layers)) if layers is not None else []
+    if layers is not None:
+        writer.write_json(fmt.MODEL_NAME, 0, {"name": "demo", "layers": [
+            {"name": layer, "class": "Dense", "activation": "relu", "kernel_initializer": "GlorotUniform",
+             "variables": [n for n, owner in zip(names, layers) if owner == layer]}
+            for layer in layer_names]})
+    weight_norm = np.linspace(0.5, 3.0, len(names))
     for step in range(steps):
         grad = np.logspace(-6, 0, len(names)) * (1 + 0.1 * rng.random(len(names)))
         if step == spike[0]:
@@ -66,13 +86,21 @@ def write_demo_run(log_dir, names, steps=60, spike=(23, 2), nan=(37, 4)):
         if step == nan[0]:
             grad[nan[1]] = np.nan
         writer.write_stat("grad_norm", step, grad, names)
-        writer.write_stat("weight_norm", step, np.full(len(names), 2.0), names)
-        ratio = np.full(len(names), 1e-3)
+        writer.write_stat("weight_norm", step, weight_norm, names)
+        ratio = 1e-3 * (1 + rng.random(len(names)))
         if step == 0:
             ratio[1] = np.nan  # zero-initialised weights: undefined, not broken
         writer.write_stat("update_ratio", step, ratio, names)
         writer.write_stat("global_grad_norm", step, float(np.nansum(grad)))
-    for step, kind in ((10, "clip_on"), (20, "clip_off"), (nan[0], "skip")):
+        if layers is not None:
+            fraction = np.full(len(layer_names), 0.05)
+            if dead is not None and step >= dead[1]:
+                fraction[dead[0]] = 0.95
+            writer.write_stat("dead_fraction", step, fraction, layer_names)
+    events = [(10, "clip_on"), (20, "clip_off"), (nan[0], "skip")]
+    if alert:
+        events.append((spike[0], "alert"))
+    for step, kind in events:
         if step < steps:
             writer.write_json(fmt.EVENTS_NAME, step, [{"kind": kind, "step": step, "message": kind}])
     writer.close()
@@ -320,3 +348,92 @@ class Chromium:
 
     def __exit__(self, *exc):
         self.close()
+
+
+# Reading the Gradients tab from outside the page: the page keeps no test hooks,
+# so these evaluate DevTools expressions against its DOM and canvases after it drew.
+
+FRAME = "document.querySelector('iframe') && document.querySelector('iframe').contentDocument"
+
+
+def in_frame(body):
+    """JavaScript evaluating `body` (which may use `d`, the plugin's document) inside the tab's iframe."""
+    return f"(() => {{ const d = {FRAME}; if (!d || !d.body) return null; {body} }})()"
+
+
+def heatmap_geometry(browser, page, panel=0, rows=1):
+    """Where a panel's heatmap cells are, by the page's own exported `layout`.
+
+    Args:
+        browser: A `Chromium`.
+        page: Its session.
+        panel: Which panel (0: the first run).
+        rows: The heatmap's number of rows.
+
+    Returns:
+        A dict: `x0`, `y0`, `w`, `rowPx` (canvas CSS pixels) and `left`,
+        `top` (the canvas' corner in the top page's CSS pixels).
+    """
+    return browser.evaluate(page, f"""(async () => {{
+        const frame = document.querySelector('iframe');
+        const d = frame.contentDocument;
+        const canvas = d.querySelectorAll('.kvg-heatmap')[{panel}];
+        // The module the page draws with, imported here: a pure function of the width and rows.
+        const {{layout}} = await import(new URL('static/heatmap.js', d.baseURI).href);
+        const g = layout(canvas.parentElement.clientWidth, {rows});
+        const f = frame.getBoundingClientRect(), c = canvas.getBoundingClientRect();
+        return {{x0: g.x0, y0: g.y0, w: g.w, rowPx: g.rowPx, left: f.left + c.left, top: f.top + c.top}};
+    }})()""")
+
+
+def cell_point(geometry, row, column, columns):
+    """The top page's CSS pixel at the centre of a heatmap cell, for `Input.dispatchMouseEvent`."""
+    return (geometry["left"] + geometry["x0"] + (column + 0.5) / columns * geometry["w"],
+            geometry["top"] + geometry["y0"] + (row + 0.5) * geometry["rowPx"])
+
+
+def heatmap_cells(browser, page, geometry, cells, columns, panel=0, inset=3):
+    """Reads heatmap cells' pixels from the canvas.
+
+    Args:
+        geometry: From `heatmap_geometry`.
+        cells: `(row, column)` pairs.
+        columns: The heatmap's number of columns.
+        inset: CSS pixels left out at each cell edge (selection lines, outlines).
+
+    Returns:
+        One `(r, g, b, marked)` per cell: the median colour of its pixels,
+        and the fraction of them far (> 60 in some channel) from that median,
+        which is 0 for a plain cell and well above for a patterned one.
+    """
+    return browser.evaluate(page, in_frame(f"""
+        const canvas = d.querySelectorAll('.kvg-heatmap')[{panel}];
+        const g = {json.dumps(geometry)}, dpr = canvas.width / canvas.clientWidth, cw = g.w / {columns};
+        const median = (a) => a.slice().sort((x, y) => x - y)[a.length >> 1];
+        return {json.dumps(list(cells))}.map(([row, column]) => {{
+            const x = Math.ceil((g.x0 + column * cw + {inset}) * dpr);
+            const y = Math.ceil((g.y0 + row * g.rowPx + {inset}) * dpr);
+            const w = Math.max(1, Math.floor((cw - 2 * {inset}) * dpr));
+            const h = Math.max(1, Math.floor((g.rowPx - 2 * {inset}) * dpr));
+            const data = canvas.getContext('2d').getImageData(x, y, w, h).data;
+            const channels = [0, 1, 2].map((k) => median(Array.from({{length: w * h}}, (_, i) => data[4 * i + k])));
+            let far = 0;
+            for (let i = 0; i < w * h; i++) {{
+                if ([0, 1, 2].some((k) => Math.abs(data[4 * i + k] - channels[k]) > 60)) far++;
+            }}
+            return [...channels, far / (w * h)];
+        }});"""))
+
+
+def drawn_pixels(browser, page, geometry, rows, panel=0):
+    """How many pixels of a panel's cell area differ from the white background."""
+    return browser.evaluate(page, in_frame(f"""
+        const canvas = d.querySelectorAll('.kvg-heatmap')[{panel}];
+        const g = {json.dumps(geometry)}, dpr = canvas.width / canvas.clientWidth;
+        const data = canvas.getContext('2d').getImageData(Math.round(g.x0 * dpr), Math.round(g.y0 * dpr),
+            Math.round(g.w * dpr), Math.round({rows} * g.rowPx * dpr)).data;
+        let count = 0;
+        for (let i = 0; i < data.length; i += 4) {{
+            if (data[i] !== 255 || data[i + 1] !== 255 || data[i + 2] !== 255) count++;
+        }}
+        return count;"""))
