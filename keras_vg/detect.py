@@ -1418,7 +1418,7 @@ class StreamingDetector:
         """
         return self.observe_many([step], values, names)
 
-    def observe_many(self, steps, values, names):
+    def observe_many(self, steps, values, names, skipped=None):
         """Judges a batch of recorded steps at once.
 
         Returns what calling `observe` on each step in order would have
@@ -1435,6 +1435,12 @@ class StreamingDetector:
                 left out; one that is present covers all `T` steps.
             names: A dict from statistic name to its list of `N` variable or
                 layer names, in model order.
+            skipped: AutoClip's `skipped` records as a pair `(steps [S],
+                counts [S])` where they are recorded at steps of their own
+                (AutoClip's `every`, not the monitor's), or None. As in
+                `classify`: they make the `skipped` episodes on their own
+                steps, and a record step they also hold is no stall. Give
+                either this or `values["skipped"]`. Defaults to `None`.
 
         Returns:
             The list of `Episode`s reported within the batch, by the step
@@ -1457,10 +1463,24 @@ class StreamingDetector:
         steps = np.asarray(steps, np.int64).reshape(-1)
         T = len(steps)
         started, codes = [], None
+        if skipped is not None:
+            if SKIPPED_STAT in values:
+                raise ValueError("Give AutoClip's `skipped` either in `values` or as `skipped`, not both.")
+            skipped_steps = np.asarray(skipped[0], np.int64).reshape(-1)
+            skipped_counts = np.asarray(skipped[1], np.float32).reshape(-1, 1)
+            if len(skipped_steps):
+                _, rules, figures = _skipped_verdicts(skipped_counts)
+                started += self._episodes.add("global", self._advance("skipped", len(skipped_steps)), skipped_steps,
+                                              rules, figures, (SKIPPED_STAT,))
         if not T:
-            return started
-        skipped = values.get(SKIPPED_STAT)
-        skipped = np.asarray(skipped, np.float32).reshape(T) if skipped is not None else None
+            return [episode for _, episode in sorted(started, key=lambda p: (p[0],) + episode_order(p[1]))]
+        if skipped is not None:
+            # On the record steps, for the update rules only: a skipped step applied no update.
+            skipped, judge_skipped = _at(steps, (skipped_steps, skipped_counts)), False
+        else:
+            skipped = values.get(SKIPPED_STAT)
+            skipped = np.asarray(skipped, np.float32).reshape(T) if skipped is not None else None
+            judge_skipped = skipped is not None
         if any(s in values for s in VARIABLE_STATS):
             var_names, rows = self._align(values, names, VARIABLE_STATS, T)
             structure = self._structure(var_names)
@@ -1485,7 +1505,7 @@ class StreamingDetector:
                 rules = _unexplained(rules, codes)
             started += self._episodes.add("global", self._advance("global", T), steps, rules, figures,
                                           (GLOBAL_STAT,))
-        if skipped is not None:
+        if judge_skipped:
             _, rules, figures = _skipped_verdicts(skipped.reshape(T, 1))
             started += self._episodes.add("global", self._advance("skipped", T), steps, rules, figures,
                                           (SKIPPED_STAT,))

@@ -12,6 +12,7 @@ import numpy as np
 from keras_vg import _keras_compat
 from keras_vg import format as fmt
 from keras_vg.event_writer import EventWriter
+from keras_vg.run_log import RunLog
 
 TAPS = {"tensorflow": ("keras_vg.tap", "Tap"), "jax": ("keras_vg.jax_tap", "JaxTap")}
 """The tap that records in each Keras backend's train step."""
@@ -128,7 +129,8 @@ class GradientMonitor(keras.callbacks.Callback):
         self._writer = None
         self._detector = None
         self._watch = None
-        self._autoclip = None
+        self._run = None  # the model's RunLog, which AutoClip writes into as well
+        self._offset = 0
 
     # Keras hooks ---------------------------------------------------------------
 
@@ -137,6 +139,7 @@ class GradientMonitor(keras.callbacks.Callback):
         # Keras's `Callback.model` writes the whole JAX training state back into the variables
         # on every access (and has the next step gather it again): the hooks use this instead.
         self._trained = model
+        self._run = RunLog.of(model)
 
     def on_train_begin(self, logs=None):
         self._failed = False
@@ -151,7 +154,7 @@ class GradientMonitor(keras.callbacks.Callback):
         self._primary = _keras_compat.is_primary_process()
         self._writer = EventWriter(self.log_dir, flush_secs=self.flush_secs)
         self._guard(self._begin)
-        self._guard(self._lend_writer_to_autoclip)
+        self._guard(self._open_run)
 
     def on_train_batch_begin(self, batch, logs=None):
         # A batch-begin hook, not batch-end: Keras waits for the device after every step
@@ -179,11 +182,9 @@ class GradientMonitor(keras.callbacks.Callback):
             self._guard(self._end_epoch)
         if self._plain is not None and self._trained is not None and self._trained.train_function is self._instrumented:
             self._trained.train_function = self._plain  # a later fit starts from Keras's own function
-        if self._autoclip is not None:
+        if self._run is not None and self._run.owner is self:
             # AutoClip's own on_train_end may come after this one: take its last records first.
-            self._guard(self._autoclip.write_pending)
-            self._autoclip.write_into(None)
-            self._autoclip = None
+            self._guard(self._close_run)
         if self._writer is not None:
             self._guard(self._writer.close)
         if self.verbose and self._detector is not None:
@@ -216,6 +217,8 @@ class GradientMonitor(keras.callbacks.Callback):
         if not self._host_weight_norms and (self.tap is None or not self.tap.is_model(self._trained)
                                             or self._trained.train_function not in (self._plain, self._instrumented)):
             self._start_phase()
+        if self._run.owner is self:
+            self._run.offset = self._offset  # from here on AutoClip writes on this step axis
         self._watch.start_epoch(self._logged(self._sync[1]))
 
     def _start_phase(self):
@@ -341,17 +344,33 @@ class GradientMonitor(keras.callbacks.Callback):
         if self.tap is not None and self._primary:
             self._read_and_write(self._logged(iterations))
 
-    def _lend_writer_to_autoclip(self):
-        """Has the model's `AutoClip`, if any, write its records and events into this run."""
-        if "keras_vg.clipping" not in sys.modules:
-            return  # no AutoClip was made, and importing clipping would import TensorFlow
-        from keras_vg.clipping import autoclip_for
+    def _open_run(self):
+        """Owns the model's run for this fit: an `AutoClip` on the model writes into this writer.
 
-        clip = autoclip_for(self._trained)
-        if clip is not None and clip.log_dir is None:
-            clip.write_into(self._writer,
-                            with_global_norm="global_grad_norm" not in self.stats or not self._recording)
-            self._autoclip = clip
+        The offset comes at the first batch (`_start_epoch`), once the
+        optimizer's count is known; until then AutoClip keeps its records.
+        """
+        self._run.open(self, self._writer,
+                       with_global_norm="global_grad_norm" not in self.stats or not self._recording,
+                       wants_skipped=self._recording)
+
+    def _close_run(self):
+        """The last flush of the sources, on this fit's step axis; then the run has no owner."""
+        try:
+            if self._run.offset is None and self._primary:
+                # No batch ran while recording (or recording failed): place the sources' records
+                # after the run's last step, as a new compile would.
+                from keras_vg.reader import latest_records
+
+                self._writer.flush()
+                last_step, _ = latest_records(self.log_dir)
+                iterations = self._iterations()
+                self._run.offset = self._offset if last_step is None else max(self._offset,
+                                                                               last_step + 1 - iterations)
+            if self._primary:
+                self._run.flush_sources()
+        finally:
+            self._run.close(self)
 
     def close(self):
         """Removes the tap from the model, so that a later `fit` runs exactly as without keras-vg.
@@ -382,6 +401,9 @@ class GradientMonitor(keras.callbacks.Callback):
         self._last_read = time.monotonic()
         if self._summary_pending and self._trained.trainable_variables:
             self._write_summary()  # before the detector judges layers by it
+        if self._run.owner is self and self._run.is_open():
+            self._run.flush_sources()  # AutoClip first: its skipped steps are judged with these records
+        skipped = self._run.take_skipped() if self._run.owner is self else []
         records = [(self._logged(step), values) for step, values in self.tap.read_new()]
         events = self._watch.check_records(records)
         if next_step is not None:
@@ -393,8 +415,14 @@ class GradientMonitor(keras.callbacks.Callback):
             # One vectorised pass of the rules over the whole batch of records.
             steps = np.array([step for step, _ in records])
             stacked = {name: np.stack([values[name] for _, values in records]) for name in names}
+        else:
+            steps, stacked, names = np.zeros([0], np.int64), {}, {}
+        if records or skipped:
+            # AutoClip's skipped steps: episodes of their own ("skipped by AutoClip"), never a stall.
+            skipped = (np.array([s for s, _ in skipped], np.int64),
+                       np.array([c for _, c in skipped], np.float32)) if skipped else None
             events += [{"kind": "alert", "step": episode.first_step, "message": episode.message}
-                       for episode in self._detector.observe_many(steps, stacked, names)]
+                       for episode in self._detector.observe_many(steps, stacked, names, skipped=skipped)]
         for event in events:
             self._writer.write_json(fmt.EVENTS_NAME, event["step"], [event])
             if self.verbose:

@@ -17,6 +17,29 @@ def dense_values(grad):
     return values if values.dtype == tf.float32 else tf.cast(values, tf.float32)
 
 
+def global_norm_of(tensors):
+    """Returns the L2 norm of all the tensors together: one fused reduction per tensor, nothing else.
+
+    The one global-norm helper of keras-vg's TensorFlow code (AutoClip's
+    gradients and weights; a `Tap` that has per-variable norms already
+    combines them with `global_norm`). A NaN anywhere makes the result NaN,
+    an inf makes it inf, and so do finite values whose squares overflow
+    float32 (a norm past 1.8e19).
+
+    Args:
+        tensors: A non-empty list of float32 tensors.
+
+    Returns:
+        A float32 scalar.
+
+    Example:
+
+    >>> float(global_norm_of([tf.constant([3.0]), tf.constant([4.0])]))
+    5.0
+    """
+    return tf.sqrt(2.0 * tf.add_n([tf.nn.l2_loss(t) for t in tensors]))
+
+
 def squared_norms(tensors):
     """Returns the sum of squares of each tensor, as a float32 vector.
 

@@ -10,7 +10,7 @@ import tensorflow as tf
 
 import keras_vg
 from keras_vg import _keras_compat
-from keras_vg.clipping import autoclip_for
+from keras_vg.run_log import RunLog
 
 pytestmark = pytest.mark.fit
 
@@ -558,7 +558,7 @@ def test_gradient_monitor_collects_the_clipping_records(tmp_path, strategy, moni
     monitor = keras_vg.GradientMonitor(tmp_path, every=1, verbose=0)
     # Whichever callback ends first, the last records reach the monitor's file.
     fit(model, x, y, [monitor, clip] if monitor_first else [clip, monitor])
-    assert autoclip_for(model) is clip
+    assert RunLog.of(model).sources == [clip]  # the run both callbacks write into
     run = keras_vg.read_run(tmp_path)
     steps, _, pre = run.stat("global_grad_norm")  # the monitor's, before clipping
     np.testing.assert_array_equal(steps, np.arange(8))
@@ -571,6 +571,56 @@ def test_gradient_monitor_collects_the_clipping_records(tmp_path, strategy, moni
     ratio, weight_norm, grad_norm = (run.stat(s)[2][6] for s in ("update_ratio", "weight_norm", "grad_norm"))
     np.testing.assert_allclose(ratio * weight_norm / (0.01 * grad_norm), post[6] / pre[6], rtol=1e-3)
     monitor.close()
+
+
+@pytest.mark.parametrize("through", ["monitor", "log_dir"])
+def test_a_recompile_continues_the_step_axis(tmp_path, through):
+    """A recompile restarts `iterations` at 0; AutoClip's records and events in one log_dir only go forward."""
+    x, y = regression(batches=6)
+    x[4 * BATCH] = np.nan  # step 4 of each fit is skipped: one `skip` event per fit
+
+    def one_fit(model):
+        if through == "monitor":
+            clip = keras_vg.AutoClip(verbose=0)
+            monitor = keras_vg.GradientMonitor(tmp_path, every=1, verbose=0)
+            fit(model, x, y, [clip, monitor])
+            monitor.close()
+        else:
+            fit(model, x, y, [keras_vg.AutoClip(log_dir=tmp_path, verbose=0)])
+
+    model = build()
+    one_fit(model)
+    model.compile(optimizer=keras.optimizers.SGD(0.01), loss="mse")  # a new optimizer: iterations from 0
+    one_fit(model)
+    assert int(model.optimizer.iterations.numpy()) == 6
+    run = keras_vg.read_run(tmp_path)
+    np.testing.assert_array_equal(run.stat("skipped")[0], np.arange(12))
+    np.testing.assert_array_equal(run.stat("skipped")[2], [0, 0, 0, 0, 1, 0] * 2)
+    skips = [e for e in run.events() if e["kind"] == "skip"]
+    assert [e["step"] for e in skips] == [4, 10]
+    assert skips[1]["message"].startswith("Step 10 skipped")  # the message speaks the run's steps too
+
+
+def test_live_warnings_call_autoclip_skips_skipped_never_stalled(tmp_path, capsys):
+    x, y = regression(batches=12)
+    x[[5 * BATCH, 6 * BATCH, 9 * BATCH]] = np.nan  # AutoClip skips steps 5, 6 and 9: no update there
+    model = build()
+    monitor = keras_vg.GradientMonitor(tmp_path, every=1, verbose=1)
+    fit(model, x, y, [monitor, keras_vg.AutoClip(verbose=0)])
+    monitor.close()
+    alerts = [e["message"] for e in keras_vg.read_run(tmp_path).events() if e["kind"] == "alert"]
+    printed = capsys.readouterr().err
+    # The warning when it starts, at the first skipped step ...
+    assert [m for m in alerts if m.startswith("Steps skipped by AutoClip")] == [
+        "Steps skipped by AutoClip, step 5: 1 steps with a non-finite gradient were not applied."]
+    assert not any("Stalled" in m for m in alerts) and "Stalled" not in printed
+    # ... and the summary at the end of fit: the whole episode, as the report has it.
+    whole = "Steps skipped by AutoClip, steps 5-9: 3 steps with a non-finite gradient were not applied."
+    assert f"  - {whole}" in printed.splitlines()
+    from keras_vg import detect
+
+    assert [e.message for e in detect.find_episodes(detect.classify(keras_vg.read_run(tmp_path)))
+            if e.kind == "skipped"] == [whole]
 
 
 def test_recording_failure_warns_and_clipping_goes_on(tmp_path, monkeypatch):

@@ -10,13 +10,12 @@
 | `SpikeGuard` | protection from the first step: spikes against the recent median, overflow, SGD's update ratio |
 | `ClipSwitch` | AutoClip's whole per-step decision (guard, trigger, policy, on/off, counts) as one pure function |
 | `ClipPolicy` | the base class of policies: `init`, `update`, `clip` |
-| `autoclip_for` | the `AutoClip` attached to a model, or None |
 
 See `docs/CLIPPING.md`.
 """
 
 from keras_vg.clipping.agc import AGC
-from keras_vg.clipping.autoclip import AutoClip, autoclip_for, write_records
+from keras_vg.clipping.autoclip import AutoClip, write_records
 from keras_vg.clipping.global_norm import GlobalNorm
 from keras_vg.clipping.guard import SpikeGuard
 from keras_vg.clipping.percentile import Percentile
@@ -25,4 +24,4 @@ from keras_vg.clipping.switch import ClipSwitch
 from keras_vg.clipping.zscore import ZScore
 
 __all__ = ["AGC", "MAX_NORM", "AutoClip", "ClipPolicy", "ClipSwitch", "Decision", "GlobalNorm", "Percentile",
-           "SpikeGuard", "ZScore", "autoclip_for", "write_records"]
+           "SpikeGuard", "ZScore", "write_records"]

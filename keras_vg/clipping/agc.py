@@ -1,8 +1,8 @@
 """`AGC`: adaptive gradient clipping, unit-wise against the weights' norms."""
 
 import numpy as np
-import tensorflow as tf
 
+from keras_vg.clipping._tf import tf
 from keras_vg.clipping.policy import ClipPolicy, Decision, check_positive
 
 DIVISION_EPSILON = 1e-6

@@ -10,10 +10,10 @@ import weakref
 
 import keras
 import numpy as np
-import tensorflow as tf
 
-from keras_vg import _keras_compat, stats
+from keras_vg import _keras_compat
 from keras_vg import format as fmt
+from keras_vg.clipping._tf import tf
 from keras_vg.clipping.agc import AGC
 from keras_vg.clipping.global_norm import GlobalNorm
 from keras_vg.clipping.guard import SpikeGuard
@@ -21,6 +21,7 @@ from keras_vg.clipping.percentile import Percentile
 from keras_vg.clipping.policy import ClipPolicy, check_positive, scale_gradients
 from keras_vg.clipping.switch import ClipSwitch
 from keras_vg.clipping.zscore import ZScore
+from keras_vg.run_log import RunLog
 
 POLICIES = {"zscore": ZScore, "percentile": Percentile, "agc": AGC, "global_norm": GlobalNorm}
 """Policies by the names `AutoClip(policy=...)` accepts, each with its defaults."""
@@ -43,17 +44,7 @@ writes them."""
 READ_BATCH_RECORDS = 32
 READ_INTERVAL_SECS = 1.0
 
-_registry = weakref.WeakKeyDictionary()  # model -> the AutoClip attached to it
 _installed = weakref.WeakKeyDictionary()  # optimizer -> the AutoClip whose hooks it carries
-
-
-def autoclip_for(model):
-    """Returns the `AutoClip` attached to a model (by `fit`, or `set_model`), or None.
-
-    This is how `GradientMonitor` finds the clipping records to write beside
-    its own.
-    """
-    return _registry.get(model)
 
 
 def _resolve(value, name):
@@ -162,22 +153,26 @@ def _sync_on_read(value, name):
 
 
 def _global_norm(tensors):
-    """The global L2 norm and whether it is finite: one fused reduction per tensor, nothing else.
+    """The global L2 norm and whether it is finite (`stats.global_norm_of`: one read of the gradient).
 
-    A NaN anywhere makes the sum of squares NaN, an inf makes it inf, and so
-    do finite values whose squares overflow float32 (a norm past 1.8e19):
-    such a gradient counts as non-finite and is skipped like one. Telling
-    the two apart would take a second look at the gradient, behind a
-    conditional that costs a few percent of every step (docs/PERFORMANCE.md);
-    a norm that large is past the guard's ceiling (`MAX_NORM`) anyway.
+    Finite values whose squares overflow float32 (a norm past 1.8e19) make it
+    inf: such a gradient counts as non-finite and is skipped like one.
+    Telling the two apart would take a second look at the gradient, behind a
+    conditional that costs a few percent of every step
+    (docs/PERFORMANCE.md); a norm that large is past the guard's ceiling
+    (`MAX_NORM`) anyway.
     """
-    norm = tf.sqrt(2.0 * tf.add_n([tf.nn.l2_loss(t) for t in tensors]))
+    from keras_vg import stats
+
+    norm = stats.global_norm_of([stats.dense_values(t) for t in tensors])
     return norm, tf.math.is_finite(norm)
 
 
 def _norm_of(variables):
     """The global L2 norm of some variables, in float32."""
-    return tf.sqrt(2.0 * tf.add_n([tf.nn.l2_loss(tf.cast(v, tf.float32)) for v in variables]))
+    from keras_vg import stats
+
+    return stats.global_norm_of([tf.cast(v, tf.float32) for v in variables])
 
 
 def _sgd_step_size(optimizer):
@@ -338,14 +333,16 @@ class AutoClip(keras.callbacks.Callback):
         self._installed_model = None
         self._undo = []
         self._flag = threading.local()
-        self._writer = None
-        self._shared = None  # (writer, with_global_norm) lent by a GradientMonitor
+        self._writer = None  # for `log_dir`
+        self._own_offset = None  # for `log_dir`: added to `iterations` (see `_start_own_axis`)
+        self._run = None  # the model's RunLog: a GradientMonitor's run to write into
         self._failed = False
         self._last_read_step = -1
         self._event_cursor = 0
         self._print_cursor = 0
         self._host_events = []  # events made on the host (a stop), not yet written
         self._clip_in_update = False  # set by `_install`
+        self._warned_backend = False
 
     def get_config(self):
         trigger = ("spike" if self.trigger is None else repr(self.trigger)) if self._armed else None
@@ -367,6 +364,8 @@ class AutoClip(keras.callbacks.Callback):
         `model.load_weights` that should restore the state.
         """
         super().set_model(model)
+        if not self._backend_supported():
+            return  # nothing to attach: AutoClip does nothing on this backend (see on_train_begin)
         key = (_config_key(self.policy), _config_key(self.trigger), repr(self.guard), self._armed, self.cooldown)
         state = getattr(model, STATE_ATTRIBUTE, None)
         if state is None or state.key != key:
@@ -376,7 +375,11 @@ class AutoClip(keras.callbacks.Callback):
                 state = _ClipState(key, self._switch.init(), name="keras_vg_autoclip")
             _keras_compat.attach_saved_state(model, STATE_ATTRIBUTE, state)
         self._state = state
-        _registry[model] = self
+        if self._run is not None and self._run is not RunLog.of(model):
+            self._run.leave(self)
+        self._run = RunLog.of(model)
+        if self.log_dir is None:
+            self._run.join(self)  # with a log_dir of its own, AutoClip writes there instead
 
     @property
     def active(self):
@@ -395,12 +398,29 @@ class AutoClip(keras.callbacks.Callback):
 
     # Installation --------------------------------------------------------------------
 
-    def on_train_begin(self, logs=None):
-        if keras.backend.backend() != "tensorflow":
-            raise ValueError(
-                f"AutoClip clips inside the TensorFlow train step; other backends are not supported. "
-                f"Received: backend={keras.backend.backend()!r}"
+    def _backend_supported(self):
+        """Whether AutoClip can hook this Keras backend's train step; warns once per instance where not.
+
+        A backend it cannot hook must not stop the user's `fit` (the
+        README's promise): AutoClip then warns, naming the backend, and does
+        nothing. It imports no TensorFlow on that path.
+        """
+        backend = keras.backend.backend()
+        if backend == "tensorflow":
+            return True
+        if not self._warned_backend:
+            self._warned_backend = True
+            warnings.warn(
+                f"AutoClip clips inside the TensorFlow train step; Keras's {backend!r} backend is not supported "
+                "yet. Training goes on without AutoClip: nothing is clipped, skipped or recorded. To clip on "
+                f"this backend, give the optimizer a fixed threshold (e.g. global_clipnorm=1.0).",
+                stacklevel=3,
             )
+        return False
+
+    def on_train_begin(self, logs=None):
+        if not self._backend_supported():
+            return
         optimizer = getattr(self.model, "optimizer", None)
         if not isinstance(optimizer, keras.optimizers.Optimizer):
             raise ValueError(
@@ -416,13 +436,14 @@ class AutoClip(keras.callbacks.Callback):
                 "AutoClip clips the gradients itself; the optimizer must not clip them as well. "
                 f"Remove {', '.join(f'`{n}`' for n in conflicts)} from the optimizer. Received: {received}"
             )
-        if self._state is None or autoclip_for(self.model) is not self:
+        if self._state is None or not RunLog.of(self.model).has_source(self) and self.log_dir is None:
             self.set_model(self.model)
         self._last_batch = None
         self._pending_steps = 0
         self._last_read = time.monotonic()
         self._failed = False
         self.stopped = None
+        self._own_offset = None
         if not self._is_installed(applying):
             self._install(applying)
         self._host = _HostChecks(self.model, applying)
@@ -464,6 +485,8 @@ class AutoClip(keras.callbacks.Callback):
                 "weight_norm": _sync_on_read(tf.constant(np.nan, tf.float32), "keras_vg_autoclip_weight_norm"),
             }
         self._capacity = capacity
+        # New buffers, whose steps may start again from 0 (a recompile): read them from their start.
+        self._last_read_step, self._event_cursor, self._print_cursor = -1, 0, 0
         self.policy.bind(self.model)
         if self.trigger is not None:
             self.trigger.bind(self.model)
@@ -524,7 +547,7 @@ class AutoClip(keras.callbacks.Callback):
         conditional here.
         """
         state = self._state.read()
-        norm, finite = _global_norm([stats.dense_values(g) for g in grads])
+        norm, finite = _global_norm(grads)
         step = tf.cast(tf.convert_to_tensor(self._optimizer.iterations), tf.int64)
         step_size = _sgd_step_size(self._optimizer)
         weight_norm = self._buffers["weight_norm"].read_value() if step_size is not None else None
@@ -563,7 +586,7 @@ class AutoClip(keras.callbacks.Callback):
         unitwise, _ = self.policy.update({}, norm, grads, variables)
         factors = [decision.factor if f is None else tf.minimum(f, decision.factor) for f in unitwise.factor]
         clipped = scale_gradients(grads, factors)
-        after = tf.sqrt(2.0 * tf.add_n([tf.nn.l2_loss(stats.dense_values(g)) for g in clipped if g is not None]))
+        after, _ = _global_norm([g for g in clipped if g is not None])
         return clipped, unitwise.exceeded | (decision.factor < 1.0), after
 
     def _record(self, step, norm, norm_after, decision, clipped):
@@ -600,8 +623,14 @@ class AutoClip(keras.callbacks.Callback):
             self._last_read_step = records[-1][0]
         return records
 
-    def _events_since(self, cursor):
-        """Returns `(events, new_cursor)`: the events recorded since `cursor`, oldest first."""
+    def _events_since(self, cursor, offset=0):
+        """Returns `(events, new_cursor)`: the events recorded since `cursor`, oldest first.
+
+        Args:
+            cursor: Events counted before (`_event_cursor` or `_print_cursor`).
+            offset: Added to each step, in the event and its message (the
+                run's step axis; 0 for the optimizer's own numbering).
+        """
         if self._buffers is None:
             return [], cursor
         count = int(self._buffers["counts"].numpy()[2])
@@ -611,12 +640,12 @@ class AutoClip(keras.callbacks.Callback):
         events = []
         first = max(cursor, count - EVENT_CAPACITY)
         if first > cursor:
-            events.append({"kind": "warning", "step": int(data[first % EVENT_CAPACITY, 0]),
+            events.append({"kind": "warning", "step": int(data[first % EVENT_CAPACITY, 0]) + offset,
                            "message": f"AutoClip: {first - cursor} clipping events were overwritten before "
                                       "they were read."})
         for index in range(first, count):
             step, kind, norm, threshold = data[index % EVENT_CAPACITY]
-            events.append(self._event(int(step), EVENT_CODES[int(kind)], norm, threshold))
+            events.append(self._event(int(step) + offset, EVENT_CODES[int(kind)], norm, threshold))
         return events, count
 
     def _event(self, step, kind, norm, threshold):
@@ -635,14 +664,20 @@ class AutoClip(keras.callbacks.Callback):
     def drain_events(self):
         """Returns the clipping events not returned before.
 
+        Steps are the optimizer's `iterations` (what is written into a run
+        is on the run's step axis, see `GradientMonitor`).
+
         Returns:
             A list of event dicts (`kind` one of `clip_on`, `clip_off`,
             `skip`, or `warning` when events were lost or AutoClip stopped
             training; `step`, `message`, `global_grad_norm`,
             `clip_threshold`), oldest first.
         """
-        events, self._event_cursor = self._events_since(self._event_cursor)
-        events += self._host_events
+        return self._drain_events(0)
+
+    def _drain_events(self, offset):
+        events, self._event_cursor = self._events_since(self._event_cursor, offset)
+        events += [_stop_event(*stop, offset) for stop in self._host_events]
         self._host_events = []
         return sorted(events, key=lambda event: event["step"])
 
@@ -654,6 +689,8 @@ class AutoClip(keras.callbacks.Callback):
         # ones are read at its end.
         if self._buffers is None:
             return
+        if self._own_offset is None and self.log_dir is not None:
+            self._start_own_axis()
         if self._last_batch is None:
             self._last_batch = batch
         executed = batch - self._last_batch
@@ -670,9 +707,33 @@ class AutoClip(keras.callbacks.Callback):
         self._host_work()
 
     def on_train_end(self, logs=None):
+        if self._buffers is not None and self._own_offset is None and self.log_dir is not None:
+            self._start_own_axis()  # a fit without a batch
         self._host_work()
         if self._writer is not None:
             self._writer.close()
+
+    def _start_own_axis(self):
+        """For `log_dir`: continues its step axis after the last step recorded there (as `GradientMonitor`).
+
+        Called at a fit's first batch, once `BackupAndRestore` (whatever its
+        place among the callbacks) has restored the optimizer's count: a
+        recompile restarts `iterations` at 0, but the steps of one `log_dir`
+        only go forward.
+        """
+        from keras_vg.reader import latest_records
+
+        try:
+            if self._writer is not None:
+                self._writer.flush()
+            last_step, _ = latest_records(self.log_dir)
+            iterations = int(self._optimizer.iterations.numpy())
+            self._own_offset = 0 if last_step is None else max(0, last_step + 1 - iterations)
+        except Exception as error:  # noqa: BLE001 - recording must not kill training; clipping goes on
+            self._own_offset = 0
+            warnings.warn(f"AutoClip could not read the steps recorded in {self.log_dir!r}: "
+                          f"{type(error).__name__}: {error}. Its records start at the optimizer's step.",
+                          stacklevel=2)
 
     def _host_work(self, batch_to_come=False):
         """What the host does every 32 steps or second and at each epoch's end: check, then record.
@@ -689,7 +750,11 @@ class AutoClip(keras.callbacks.Callback):
             self._check_dead_end(batch_to_come)
         except Exception as error:  # noqa: BLE001 - a failed check must not kill training; clipping goes on
             warnings.warn(f"AutoClip could not check the weights: {type(error).__name__}: {error}.", stacklevel=2)
-        self._read_and_write()
+        self._print_events()
+        if self.log_dir is not None:
+            self._read_and_write()
+        elif self._run is not None and self._run.is_open() and self._run.has_source(self):
+            self._run.flush_sources()  # the run's order: every source, this one included
 
     def _refresh_weight_norm(self):
         """Measures ‖W‖ for the guard's SGD rules, at the start of `fit` and of each epoch (one scalar comes back)."""
@@ -717,30 +782,53 @@ class AutoClip(keras.callbacks.Callback):
         self._stop(reason, last_good, int(self._optimizer.iterations.numpy()) - (not batch_to_come))
 
     def _stop(self, reason, last_good, step):
-        first_bad = last_good + 1
-        good = f"The last good step was {last_good}" if last_good >= 0 else "No step's update was applied"
-        message = (
-            f"AutoClip stopped training at step {step}: {reason}. {good}; the steps since were skipped (their "
-            f"gradients were not finite). Try: restore the weights saved before step {first_bad} "
-            "(keras.callbacks.BackupAndRestore, ModelCheckpoint or model.save), then lower the learning rate, or "
-            "clip from the first step (keras_vg.AutoClip(keras_vg.GlobalNorm(1.0), trigger=None)); check the "
-            f"input data from step {first_bad} on for NaN or inf."
-        )
         self.model.stop_training = True
-        self.stopped = {"kind": "warning", "step": step, "message": message, "last_good": last_good}
-        self._host_events.append(self.stopped)
-        warnings.warn(message, stacklevel=3)
+        self._host_events.append((reason, last_good, step))
+        self.stopped = _stop_event(reason, last_good, step, 0)
+        # The warning numbers steps as the run does, where one is written.
+        warnings.warn(_stop_event(reason, last_good, step, self._offset_now())["message"], stacklevel=3)
 
-    def _read_and_write(self):
+    def _offset_now(self):
+        """What the run written into adds to the optimizer's steps now (0 where none is known)."""
+        if self.log_dir is not None:
+            return self._own_offset or 0
+        if self._run is not None and self._run.is_open():
+            return self._run.offset
+        return 0
+
+    def _print_events(self):
+        if not self.verbose or self._buffers is None or self._failed:
+            return
+        try:
+            events, self._print_cursor = self._events_since(self._print_cursor, self._offset_now())
+        except Exception as error:  # noqa: BLE001 - printing must not kill training
+            self._failed = True
+            warnings.warn(f"AutoClip stopped reporting after an error: {type(error).__name__}: {error}.",
+                          stacklevel=3)
+            return
+        for event in events:
+            print(f"keras-vg AutoClip: {event['message']}", file=sys.stderr)
+
+    def _read_and_write(self, run=None):
+        """Reads the records and events not read before and writes them: into `log_dir`, or into `run`."""
         if self._buffers is None or self._failed:
             return
         try:
-            if self.verbose:
-                events, self._print_cursor = self._events_since(self._print_cursor)
-                for event in events:
-                    print(f"keras-vg AutoClip: {event['message']}", file=sys.stderr)
-            if self.log_dir is not None or self._shared is not None:
-                self._write(self.read_new(), self.drain_events())
+            if run is None:
+                if self._writer is None:
+                    from keras_vg.event_writer import EventWriter
+
+                    self._writer = EventWriter(self.log_dir)  # created lazily: no event file when not needed
+                writer, offset, with_global_norm = self._writer, self._own_offset or 0, True
+            else:
+                writer, offset, with_global_norm = run.writer, run.offset, run.with_global_norm
+            records = [(step + offset, values) for step, values in self.read_new()]
+            events = self._drain_events(offset)
+            if run is not None:
+                run.add_skipped([(step, values["skipped"]) for step, values in records])
+            if records or events:
+                write_records(writer, records, events, with_global_norm)
+                writer.flush()
         except Exception as error:  # noqa: BLE001 - recording must not kill training; clipping goes on
             self._failed = True
             warnings.warn(
@@ -749,43 +837,43 @@ class AutoClip(keras.callbacks.Callback):
                 stacklevel=2,
             )
 
-    def _write(self, records, events):
-        if not records and not events:
-            return
-        if self.log_dir is not None:
-            if self._writer is None:
-                from keras_vg.event_writer import EventWriter
+    def flush_into_run(self, run):
+        """Writes what the device buffers hold now into a `GradientMonitor`'s run (`RunLog`'s order).
 
-                self._writer = EventWriter(self.log_dir)  # created lazily: no event file when not needed
-            writer, with_global_norm = self._writer, True
-        else:
-            writer, with_global_norm = self._shared
-        write_records(writer, records, events, with_global_norm)
-        writer.flush()
-
-    def write_into(self, writer, with_global_norm=False):
-        """Writes the records and events into another run's writer from now on (None: stop).
-
-        `GradientMonitor` lends its writer this way, so that the clipping
-        records land in its run, and takes it back before closing it. An
-        `AutoClip` with its own `log_dir` keeps writing there.
+        The monitor calls this (through its `RunLog`) before each of its own
+        reads and at the end of `fit`, so that the clipping records land in
+        its run on its step axis, and the steps skipped here reach its live
+        warnings. An `AutoClip` with its own `log_dir` writes there instead.
 
         Args:
-            writer: A `keras_vg.event_writer.EventWriter`, or None.
-            with_global_norm: Also write the pre-clip `global_grad_norm`
-                (when the writer's owner does not). Defaults to `False`.
+            run: The model's `keras_vg.run_log.RunLog`, open.
         """
-        self._shared = None if writer is None else (writer, with_global_norm)
-
-    def write_pending(self):
-        """Reads and writes what the device buffers hold now (called by `GradientMonitor`)."""
-        self._host_work()
+        if self.log_dir is None:
+            self._read_and_write(run)
 
     def close(self):
         """Removes the hooks and closes the writer. Calling it twice is harmless."""
         self.uninstall()
+        if self._run is not None:
+            self._run.leave(self)
         if self._writer is not None:
             self._writer.close()
+
+
+def _stop_event(reason, last_good, step, offset):
+    """The `warning` event of a stop, its steps shifted by `offset` (the run's step axis)."""
+    step, first_bad = step + offset, last_good + 1 + offset
+    good = (f"The last good step was {last_good + offset}" if last_good >= 0
+            else "No step's update was applied")
+    message = (
+        f"AutoClip stopped training at step {step}: {reason}. {good}; the steps since were skipped (their "
+        f"gradients were not finite). Try: restore the weights saved before step {first_bad} "
+        "(keras.callbacks.BackupAndRestore, ModelCheckpoint or model.save), then lower the learning rate, or "
+        "clip from the first step (keras_vg.AutoClip(keras_vg.GlobalNorm(1.0), trigger=None)); check the "
+        f"input data from step {first_bad} on for NaN or inf."
+    )
+    return {"kind": "warning", "step": step, "message": message,
+            "last_good": last_good + offset if last_good >= 0 else last_good}
 
 
 def _record_values(buffers, step, norms, flags, every, capacity):

@@ -1,7 +1,6 @@
 """`GlobalNorm`: clip the global gradient norm at a fixed threshold."""
 
-import tensorflow as tf
-
+from keras_vg.clipping._tf import tf
 from keras_vg.clipping.policy import ClipPolicy, check_positive, norm_decision
 
 

@@ -3,8 +3,8 @@
 import collections
 
 import numpy as np
-import tensorflow as tf
 
+from keras_vg.clipping._tf import tf
 from keras_vg.clipping.policy import MAX_NORM, check_positive, ring_append, ring_init, ring_percentile
 
 GuardCheck = collections.namedtuple("GuardCheck", ["spike", "limit", "cap"])

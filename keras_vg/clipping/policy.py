@@ -11,7 +11,8 @@ step, and a test calls it eagerly on a sequence of norms.
 import collections
 
 import numpy as np
-import tensorflow as tf
+
+from keras_vg.clipping._tf import tf
 
 MAX_NORM = 1e18
 """The largest global norm any statistic takes in, and the largest threshold.

@@ -3,7 +3,8 @@
 import collections
 
 import numpy as np
-import tensorflow as tf
+
+from keras_vg.clipping._tf import tf
 
 StepDecision = collections.namedtuple("StepDecision", [
     "clip", "factor", "unitwise", "threshold", "norm_after", "spike", "switched_on", "switched_off", "skipped"])

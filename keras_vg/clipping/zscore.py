@@ -1,8 +1,8 @@
 """`ZScore`: ZClip's rule, clip spikes against running statistics of the norm."""
 
 import numpy as np
-import tensorflow as tf
 
+from keras_vg.clipping._tf import tf
 from keras_vg.clipping.policy import ClipPolicy, Decision, check_positive
 
 
