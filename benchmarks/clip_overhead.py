@@ -5,9 +5,10 @@ round, each arm timed per step with a batch-begin timer from its third batch
 on, ratios to plain `fit` paired within each round, beside an A/A row (plain
 against plain) that shows the noise floor of the machine.
 
-Models: `sgd_mlp`, a 12-layer tanh MLP (384 wide, batch 64) trained with plain
-SGD, whose cheap optimizer hides none of AutoClip's own work; and those of
-`benchmarks/overhead.py` (Adam).
+Models: those of `benchmarks/overhead.py`, with its optimizers: `sgd_mlp`, a
+12-layer tanh MLP (384 wide, batch 64) trained with plain SGD (0.01), whose
+cheap optimizer hides none of AutoClip's own work, and `mlp`, `cnn`,
+`transformer` (Adam); `gpu_mlp` is for a GPU.
 
 The armed arms are AutoClip as it starts: training is calm, so they pay for
 the decision every step (the global norm, the guard's and the policy's
@@ -41,21 +42,16 @@ import tensorflow as tf  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from interleaved import add_threads_option, hold_threads, print_table, time_arms  # noqa: E402
-from overhead import MODELS as ADAM_MODELS  # noqa: E402
+from overhead import MODELS, optimizer_for  # noqa: E402
 
 import keras_vg  # noqa: E402
 
 
-def sgd_mlp():
-    layers = [keras.Input((384,))]
-    layers += [keras.layers.Dense(384, activation="tanh") for _ in range(12)]
-    layers.append(keras.layers.Dense(10))
-    return keras.Sequential(layers), np.random.rand(64 * 64, 384).astype("float32"), 64
+def optimizer(name, **kwargs):
+    """The model's optimizer in `benchmarks/overhead.py` (SGD for `sgd_mlp`, Adam otherwise), with `kwargs`."""
+    reference = optimizer_for(name)
+    return type(reference).from_config({**reference.get_config(), **kwargs})
 
-
-MODELS = {"sgd_mlp": sgd_mlp, **ADAM_MODELS}
-OPTIMIZERS = {"sgd_mlp": lambda **kwargs: keras.optimizers.SGD(1e-3, **kwargs)}
-"""Each model's optimizer (Adam at 1e-4 where not named)."""
 
 ARMS = {
     "plain": lambda: None,
@@ -88,8 +84,7 @@ def build_arms(name, batches, jit_compile):
     for arm, make in ARMS.items():
         keras.utils.set_random_seed(0)
         model, _, _ = build()
-        optimizer = OPTIMIZERS.get(name, lambda **kwargs: keras.optimizers.Adam(1e-4, **kwargs))
-        model.compile(optimizer=optimizer(**OPTIMIZER_ARGUMENTS.get(arm, {})),
+        model.compile(optimizer=optimizer(name, **OPTIMIZER_ARGUMENTS.get(arm, {})),
                       loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True), jit_compile=jit_compile)
         models[arm] = model
         clip = make()
