@@ -29,6 +29,7 @@ import tensorflow as tf
 
 from keras_vg import _keras_compat, stats
 from keras_vg import format as fmt
+from keras_vg.device_buffers import SPARE_ROWS, ring_slot, sync_on_read, write_row
 from keras_vg.layers import activation_layers, activation_name, unit_axis, walk_layers
 from keras_vg.nonfinite_watch import loss_tracker
 from keras_vg.record_buffers import RecordBuffers
@@ -59,30 +60,14 @@ def _usable_here(tensor):
     return False
 
 
-def _sync_on_read(spec):
+def _make_buffer(key, spec):
+    """One of `RecordBuffers.specs()` as a device ring buffer (`keras_vg.device_buffers`), spare row included."""
     shape, dtype, initial = spec
-    return tf.Variable(
-        tf.fill(shape, tf.constant(initial, dtype)), trainable=False, name="keras_vg_buffer",
-        synchronization=tf.VariableSynchronization.ON_READ,
-        aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA,
-        # Made during the first trace for a model built by it: a variable that tf.function
-        # captures as created in the trace would make it trace the step a second time.
-        experimental_enable_variable_lifting=False,
-    )
-
-
-def _write_row(buffer, row, slot, is_record):
-    """Writes `row` into row `slot` of a ring buffer, where `is_record` (None: always)."""
-    row = tf.convert_to_tensor(row, buffer.dtype)
-    old = buffer.read_value()
-    if is_record is None:
-        # SyncOnRead variables have no scatter in a replica context: rewrite the (small) buffer.
-        new = tf.tensor_scatter_nd_update(old, tf.reshape(slot, [1, 1]), row[tf.newaxis])
-    else:
-        at_slot = is_record & tf.equal(tf.range(tf.shape(old, out_type=slot.dtype)[0]), slot)
-        at_slot = tf.reshape(at_slot, [-1] + [1] * (old.shape.rank - 1))
-        new = tf.where(at_slot, row[tf.newaxis], old)
-    buffer.assign(new)
+    if key != "count":  # every buffer but the counter is a ring of rows
+        shape = [shape[0] + SPARE_ROWS] + list(shape[1:])
+    # Made during the first trace for a model built by it: a variable that tf.function
+    # captures as created in the trace would make it trace the step a second time.
+    return sync_on_read(tf.fill(shape, tf.constant(initial, dtype)), "keras_vg_buffer", lift=False)
 
 
 class Tap:
@@ -216,7 +201,7 @@ class Tap:
         if self.records.records_weights:
             self._update_meter = UpdateMeter(self.optimizer, self.variables, self._position,
                                              distributed=self._replicas > 1)
-        self.buffers = {key: _sync_on_read(spec) for key, spec in self.records.specs().items()}
+        self.buffers = {key: _make_buffer(key, spec) for key, spec in self.records.specs().items()}
 
     def _set_up_in_trace(self, variables):
         with self._set_up_lock:
@@ -234,10 +219,11 @@ class Tap:
         multiples of `every`.
         """
         step = tf.cast(tf.convert_to_tensor(self.optimizer.iterations), tf.int64)
-        slot = self.buffers["count"].read_value() % self.capacity
+        count = self.buffers["count"].read_value()
         if self.steps_per_execution == 1 or self.every == 1:
-            return step, slot, None
-        return step, slot, tf.equal(step % self.every, 0)
+            return step, ring_slot(count, self.capacity), None
+        is_record = tf.equal(step % self.every, 0)
+        return step, ring_slot(count, self.capacity, is_record), is_record  # else the spare row
 
     def _activation_call(self, kind, index, measure):
         """Wraps a layer's `call` to leave `measure(outputs)` of an instrumented training call for `apply`."""
@@ -325,7 +311,7 @@ class Tap:
         tensors = [stats.dense_values(g) for g, _ in present]
         positions = tf.constant([[p] for _, p in present], tf.int32)
         n = len(self.variables)
-        _, slot, is_record = self._record_point()
+        _, slot, _ = self._record_point()
         sums = stats.squared_norms(tensors)
         nonfinite = stats.nonfinite_counts(tensors, sums)
         norms, max_abs = stats.norms_and_max_abs(tensors, sums, nonfinite)
@@ -333,9 +319,9 @@ class Tap:
             measured = {"grad_norm": norms, "grad_max_abs": max_abs, "grad_nonfinite": nonfinite}
             # A variable without a gradient reads 0: nothing flows into it.
             rows = tf.stack([tf.scatter_nd(positions, measured[name], [n]) for name in self.records.gradient_rows])
-            _write_row(self.buffers["gradients"], rows, slot, is_record)
+            write_row(self.buffers["gradients"], rows, slot)
         if "global_grad_norm" in self.buffers:
-            _write_row(self.buffers["global_grad_norm"], stats.global_norm(norms), slot, is_record)
+            write_row(self.buffers["global_grad_norm"], stats.global_norm(norms), slot)
 
     def _observe_local_gradients(self, grads, variables):
         scale = getattr(self.optimizer, "loss_scale_factor", None)
@@ -377,20 +363,19 @@ class Tap:
                 original(grads, trainable_variables)
             with tf.name_scope("keras_vg"):
                 if self.records.records_weights:
-                    self._write_update(measure(), slot, is_record)
+                    self._write_update(measure(), slot)
                 if layer_row is not None:
-                    _write_row(self.buffers["layers"], layer_row, slot, is_record)
+                    write_row(self.buffers["layers"], layer_row, slot)
                 if "loss_finite" in self.buffers:
                     total = tf.convert_to_tensor(self._loss_tracker.total)
-                    _write_row(self.buffers["loss_finite"], tf.cast(tf.math.is_finite(total), tf.float32), slot,
-                               is_record)
-                _write_row(self.buffers["steps"], step, slot, is_record)
+                    write_row(self.buffers["loss_finite"], tf.cast(tf.math.is_finite(total), tf.float32), slot)
+                write_row(self.buffers["steps"], step, slot)
                 recorded = tf.constant(1, tf.int64) if is_record is None else tf.cast(is_record, tf.int64)
                 self.buffers["count"].assign_add(recorded)
 
         return apply
 
-    def _write_update(self, measured, slot, is_record):
+    def _write_update(self, measured, slot):
         """The weight norm before the update, and the ratio of the change applied (NaN: undefined)."""
         n = len(self.variables)
         if measured is None:
@@ -402,7 +387,7 @@ class Tap:
             # that a NaN weight norm always means weights that are not finite.
             rows = tf.stack([tf.scatter_nd(positions, weight_norms, [n]),
                              tf.tensor_scatter_nd_update(tf.fill([n], np.nan), positions, ratios)])
-        _write_row(self.buffers["weights"], rows, slot, is_record)
+        write_row(self.buffers["weights"], rows, slot)
 
     # Host side -----------------------------------------------------------------
 

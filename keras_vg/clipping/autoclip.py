@@ -77,13 +77,15 @@ class _ClipState(keras.layers.Layer):
         self.names = list(initial)
         self._shapes = {name: np.shape(value) for name, value in initial.items()}
         # Scalars first, each kind in name order: one unstack reads them all.
+        from keras_vg.device_buffers import sync_on_read  # TensorFlow: only where AutoClip acts
+
         self._order = {
             kind: sorted((n for n in self.names if np.asarray(initial[n]).dtype == kind),
                          key=lambda n: (self._shapes[n] != (), n))
             for kind in (np.float32, np.int64)
         }
         self.packed = {
-            kind: _sync_on_read(self._pack_numpy(initial, kind), f"keras_vg_autoclip_{np.dtype(kind).name}")
+            kind: sync_on_read(self._pack_numpy(initial, kind), f"keras_vg_autoclip_{np.dtype(kind).name}")
             for kind in self._order
         }
 
@@ -142,14 +144,6 @@ class _ClipState(keras.layers.Layer):
         values = {name: np.asarray(store[name]) for name in self.names}
         for kind, variable in self.packed.items():
             variable.assign(self._pack_numpy(values, kind))
-
-
-def _sync_on_read(value, name):
-    return tf.Variable(
-        value, trainable=False, name=name,
-        synchronization=tf.VariableSynchronization.ON_READ,
-        aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA,
-    )
 
 
 def _global_norm(tensors):
@@ -343,6 +337,7 @@ class AutoClip(keras.callbacks.Callback):
         self._host_events = []  # events made on the host (a stop), not yet written
         self._clip_in_update = False  # set by `_install`
         self._warned_backend = False
+        self._host = None  # the host's small device functions (`_HostChecks`)
 
     def get_config(self):
         trigger = ("spike" if self.trigger is None else repr(self.trigger)) if self._armed else None
@@ -446,7 +441,9 @@ class AutoClip(keras.callbacks.Callback):
         self._own_offset = None
         if not self._is_installed(applying):
             self._install(applying)
-        self._host = _HostChecks(self.model, applying)
+        if self._host is None or not self._host.serves(self.model, applying):
+            # Kept across fits of the same model: a new one would trace its functions again each fit.
+            self._host = _HostChecks(self.model, applying)
         self._skipped_seen = int(self._state.numpy()["skipped"])
         self._refresh_weight_norm()
 
@@ -469,20 +466,23 @@ class AutoClip(keras.callbacks.Callback):
             return
         self._optimizer = optimizer
         self._installed_model = self.model
+        from keras_vg.device_buffers import SPARE_ROWS, sync_on_read
+
         steps_per_execution = int(getattr(self.model, "steps_per_execution", 1) or 1)
         capacity = RECORD_CAPACITY + math.ceil(steps_per_execution / self.every) + 1
         with self.model.distribute_strategy.scope():
             # One spare row past each buffer's capacity: see `_record`.
             self._buffers = {
                 # float64: a step number is exact in it. Column 0 is the step (-1: empty).
-                "records": _sync_on_read(np.concatenate([np.full([capacity + 1, 1], -1.0),
-                                                         np.zeros([capacity + 1, len(RECORD_COLUMNS)])], 1),
+                "records": sync_on_read(np.concatenate([np.full([capacity + SPARE_ROWS, 1], -1.0),
+                                                        np.zeros([capacity + SPARE_ROWS, len(RECORD_COLUMNS)])], 1),
                                          "keras_vg_autoclip_records"),
-                "events": _sync_on_read(tf.zeros([EVENT_CAPACITY + 1, 4], tf.float64), "keras_vg_autoclip_events"),
+                "events": sync_on_read(tf.zeros([EVENT_CAPACITY + SPARE_ROWS, 4], tf.float64),
+                                       "keras_vg_autoclip_events"),
                 # Clipped and skipped steps since the last record, and events in all.
-                "counts": _sync_on_read(tf.zeros([3], tf.float64), "keras_vg_autoclip_counts"),
+                "counts": sync_on_read(tf.zeros([3], tf.float64), "keras_vg_autoclip_counts"),
                 # Measured on the host (`_refresh_weight_norm`), read by the guard's SGD rules.
-                "weight_norm": _sync_on_read(tf.constant(np.nan, tf.float32), "keras_vg_autoclip_weight_norm"),
+                "weight_norm": sync_on_read(tf.constant(np.nan, tf.float32), "keras_vg_autoclip_weight_norm"),
             }
         self._capacity = capacity
         # New buffers, whose steps may start again from 0 (a recompile): read them from their start.
@@ -879,11 +879,10 @@ def _stop_event(reason, last_good, step, offset):
 def _record_values(buffers, step, norms, flags, every, capacity):
     """The record buffers after one step: its row (on record steps) and its events.
 
-    Each buffer has one spare row past its capacity: a step that writes
-    nothing writes there, so that every step runs the same few ops (no select
-    over a whole buffer, no branch). `tensor_scatter_nd_update` of the values
-    read, not a scatter into the variables: SyncOnRead variables have none in
-    a replica context.
+    The buffers are `keras_vg.device_buffers` rings, as the monitor's: a
+    step that writes nothing writes into the spare row past the capacity, so
+    that every step runs the same few ops (no select over a whole buffer, no
+    branch).
 
     Args:
         buffers: A dict of the buffers' values (see `AutoClip._install`).
@@ -896,6 +895,8 @@ def _record_values(buffers, step, norms, flags, every, capacity):
     Returns:
         The dict of the buffers' new values.
     """
+    from keras_vg.device_buffers import ring_slot, scatter_rows
+
     clipped, skipped, switched_on, switched_off = tf.unstack(flags)
     norms = tf.cast(norms, tf.float64)
     at = tf.cast(step, tf.float64)
@@ -903,18 +904,18 @@ def _record_values(buffers, step, norms, flags, every, capacity):
     # Clipped and skipped steps since the previous record, this one included; then the event count.
     counts = buffers["counts"] + tf.cast(tf.stack([clipped, skipped, False]), tf.float64)
     row = tf.concat([[at], norms, counts[:2]], 0)
-    slot = tf.where(is_record, (step // every) % capacity, capacity)
+    slot = ring_slot(step // every, capacity, is_record)
     # At most two events a step: a switch (on or off) and a skip.
     switched = switched_on | switched_off
     count = tf.cast(counts[2], tf.int64)
-    first = tf.where(switched, count % EVENT_CAPACITY, EVENT_CAPACITY)
-    second = tf.where(skipped, (count + tf.cast(switched, tf.int64)) % EVENT_CAPACITY, EVENT_CAPACITY)
+    first = ring_slot(count, EVENT_CAPACITY, switched)
+    second = ring_slot(count + tf.cast(switched, tf.int64), EVENT_CAPACITY, skipped)
     kinds = tf.constant([1.0, 3.0], tf.float64) + tf.cast(tf.stack([~switched_on, False]), tf.float64)
     events = tf.concat([tf.fill([2, 1], at), kinds[:, tf.newaxis], tf.tile(norms[tf.newaxis, 0::2], [2, 1])], 1)
     new_count = counts[2] + tf.cast(switched, tf.float64) + tf.cast(skipped, tf.float64)
     return {
-        "records": tf.tensor_scatter_nd_update(buffers["records"], [[slot]], [row]),
-        "events": tf.tensor_scatter_nd_update(buffers["events"], tf.stack([first, second])[:, tf.newaxis], events),
+        "records": scatter_rows(buffers["records"], slot, row[tf.newaxis]),
+        "events": scatter_rows(buffers["events"], tf.stack([first, second]), events),
         "counts": tf.concat([tf.where(is_record, tf.zeros([2], tf.float64), counts[:2]), [new_count]], 0),
     }
 
@@ -926,6 +927,10 @@ class _HostChecks:
         self.model, self.optimizer = model, optimizer
         self.weight_norm = tf.function(self._weight_norm)
         self._finite = tf.function(self._all_finite)
+
+    def serves(self, model, optimizer):
+        """Whether these functions are for this model and optimizer."""
+        return self.model is model and self.optimizer is optimizer
 
     def _weight_norm(self):
         return _norm_of(self.model.trainable_variables)
