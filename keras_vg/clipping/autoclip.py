@@ -758,8 +758,13 @@ class AutoClip(keras.callbacks.Callback):
 
     def _refresh_weight_norm(self):
         """Measures ‖W‖ for the guard's SGD rules, at the start of `fit` and of each epoch (one scalar comes back)."""
-        if self._buffers is not None and _sgd_step_size(self._optimizer) is not None:
+        if self._buffers is None or _sgd_step_size(self._optimizer) is None:
+            return
+        try:
             self._buffers["weight_norm"].assign(self._host.weight_norm())
+        except Exception as error:  # noqa: BLE001 - must not kill training; the SGD rules wait for a norm
+            warnings.warn(f"AutoClip could not measure the weights' norm: {type(error).__name__}: {error}. "
+                          "Its SGD rules wait for the next measure.", stacklevel=2)
 
     def _check_dead_end(self, batch_to_come=False):
         """Stops training where skipping cannot help: non-finite weights or slots, or too many skips in a row."""
@@ -921,19 +926,30 @@ def _record_values(buffers, step, norms, flags, every, capacity):
 
 
 class _HostChecks:
-    """The small device functions the host runs every 32 steps: the weights' norm, and their finiteness."""
+    """The small device functions the host runs every 32 steps: the weights' norm, and their finiteness.
+
+    The variables are the functions' arguments, not captured when they are
+    traced: a model built by its first step has none at `on_train_begin`,
+    and unfreezing layers changes them between fits. The functions trace
+    again only when the variables' number, shapes or dtypes change.
+    """
 
     def __init__(self, model, optimizer):
         self.model, self.optimizer = model, optimizer
-        self.weight_norm = tf.function(self._weight_norm)
-        self._finite = tf.function(self._all_finite)
+        self._norm = tf.function(_norm_of)
+        self._finite = tf.function(lambda variables: tf.stack([tf.reduce_all(tf.math.is_finite(v))
+                                                               for v in variables]))
 
     def serves(self, model, optimizer):
         """Whether these functions are for this model and optimizer."""
         return self.model is model and self.optimizer is optimizer
 
-    def _weight_norm(self):
-        return _norm_of(self.model.trainable_variables)
+    def weight_norm(self):
+        """The global norm of the trainable weights (NaN while the model has none: not yet built)."""
+        from keras_vg.weight_updates import backend_value
+
+        variables = [backend_value(v) for v in self.model.trainable_variables]
+        return self._norm(variables) if variables else tf.constant(np.nan, tf.float32)
 
     def _checked(self):
         seen, checked = set(), []
@@ -943,13 +959,15 @@ class _HostChecks:
                 checked.append(variable)
         return checked
 
-    def _all_finite(self):
-        return tf.stack([tf.reduce_all(tf.math.is_finite(v)) for v in self._checked()])
-
     def first_nonfinite(self):
         """The path of the first weight or optimizer slot holding NaN or inf, or None."""
-        finite = self._finite().numpy()
-        broken = [v for v, ok in zip(self._checked(), finite) if not ok]
+        from keras_vg.weight_updates import backend_value
+
+        checked = self._checked()
+        if not checked:
+            return None
+        finite = self._finite([backend_value(v) for v in checked]).numpy()
+        broken = [v for v, ok in zip(checked, finite) if not ok]
         return broken[0].path if broken else None
 
 
