@@ -54,6 +54,8 @@ from typing import NamedTuple
 
 import numpy as np
 
+from keras_vg.activations import NEVER_DEAD
+
 HEALTHY, VANISHING, EXPLODING, NONFINITE, DEAD, SATURATED = range(6)
 CLASS_NAMES = ("healthy", "vanishing", "exploding", "nonfinite", "dead", "saturated")
 """Cell class names, indexed by code."""
@@ -71,8 +73,6 @@ SKIPPED_STAT = "skipped"
 ROLES = ("kernel", "bias", "scale", "offset", "vector")
 """Variable roles (`variable_role`); only kernels carry a layer's verdict."""
 
-NEVER_DEAD = frozenset({"leaky_relu", "prelu"})
-"""Activations whose negative side keeps a slope: their units always pass gradient."""
 
 
 class _Rule(NamedTuple):
