@@ -68,7 +68,7 @@ def precedence():
     """Class codes, most serious first, in `detect`'s order: nonfinite, exploding, vanishing, dead, saturated, healthy.
 
     Returns:
-        A tuple of every code of `detect.CLASS_NAMES`.
+        A tuple of every code of `detect.CLASS_NAMES` (`detect.CLASS_PRECEDENCE`).
 
     Example:
 
@@ -78,10 +78,7 @@ def precedence():
     """
     from keras_vg import detect
 
-    # `detect.KINDS` lists its episode kinds most serious first; the classes
-    # are the kinds that mark cells, plus healthy.
-    ranked = [detect.CLASS_NAMES.index(kind) for kind in detect.KINDS if kind in detect.CLASS_NAMES]
-    return tuple(ranked) + tuple(c for c in range(len(detect.CLASS_NAMES)) if c not in ranked)
+    return detect.CLASS_PRECEDENCE
 
 
 def classes_shown(stat):
