@@ -51,6 +51,14 @@ MARKS = {
 marks read in monochrome too. The plugin's canvas and matplotlib draw these
 names each their own way."""
 
+OUTLINED = frozenset({"exploding"})
+"""Classes whose regions are outlined as well as patterned, so that exploding
+regions differ from vanishing ones at a glance."""
+
+RINGED = frozenset({"exploding", "nonfinite"})
+"""Classes whose cells get a ring where cells are tiny (the dashboard's canvas):
+one step of one row must not hide among a million cells."""
+
 _GRID_CLASSES = {
     fmt.AXIS_VARIABLE: ("vanishing", "exploding", "nonfinite"),
     fmt.AXIS_LAYER: ("dead", "saturated"),
