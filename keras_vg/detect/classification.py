@@ -9,6 +9,7 @@ import dataclasses
 
 import numpy as np
 
+from keras_vg import format as fmt
 from keras_vg.detect.kernels import (
     _empty,
     _global_verdicts,
@@ -82,28 +83,6 @@ class Classification:
     layer_codes = property(lambda self: self.layers.codes)
 
 
-def _merge_names(lists):
-    """Merges lists of names, keeping the order (model order) of each.
-
-    A name new to the merge goes just before the next name it precedes in
-    its own list, or at the end.
-    """
-    merged = list(lists[0]) if lists else []
-    for names in lists[1:]:
-        if list(names) == merged:
-            continue
-        known, pending = set(merged), []
-        for name in names:
-            if name in known:
-                position = merged.index(name)
-                merged[position:position] = pending
-                pending = []
-            else:
-                pending.append(name)
-        merged += pending
-    return merged
-
-
 def _axis(stats, wanted, scalar=False):
     """Aligns the `wanted` statistics present onto one grid of steps and names."""
     present = [s for s in wanted if s in stats]
@@ -114,7 +93,7 @@ def _axis(stats, wanted, scalar=False):
     if scalar:
         names = (present[0],)
     else:
-        names = tuple(_merge_names([list(e[1]) for e in entries.values()]))
+        names = tuple(fmt.merge_names([list(e[1]) for e in entries.values()]))
     arrays = {}
     for stat in wanted:
         if stat not in entries:

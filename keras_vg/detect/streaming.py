@@ -7,8 +7,8 @@ seen), and runs the same kernels as `classify` on each batch of records.
 
 import numpy as np
 
+from keras_vg import format as fmt
 from keras_vg.detect import messages
-from keras_vg.detect.classification import _merge_names
 from keras_vg.detect.episodes import _Episodes, episode_order
 from keras_vg.detect.kernels import (
     _floor,
@@ -188,7 +188,7 @@ class StreamingDetector:
     def _align(self, values, names, wanted, T):
         """Aligns the `wanted` statistics present onto one list of names, `[T, N]` each."""
         present = [s for s in wanted if s in values]
-        axis = _merge_names([list(names[s]) for s in present])
+        axis = fmt.merge_names([list(names[s]) for s in present])
         rows = {}
         for stat in wanted:
             if stat not in values:
