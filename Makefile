@@ -4,6 +4,8 @@ VENV := .venv
 BIN := $(VENV)/bin
 LOGDIR ?= logs
 PORT ?= 6006
+# Test processes (pytest-xdist); a test file stays in one, so its module fixtures are built once.
+WORKERS ?= 2
 
 .PHONY: test demo lint install-check clean
 
@@ -16,8 +18,8 @@ $(BIN)/.installed: pyproject.toml
 ## make test: lint, the installed-wheel check, then the whole test suite: on TensorFlow (browser tests need
 ## Debian's chromium), then tests/jax on Keras's JAX backend (one backend per process).
 test: lint install-check
-	$(BIN)/python -m pytest -q
-	KERAS_BACKEND=jax $(BIN)/python -m pytest -q tests/jax
+	$(BIN)/python -m pytest -q -n $(WORKERS) --dist loadfile
+	KERAS_BACKEND=jax $(BIN)/python -m pytest -q -n $(WORKERS) --dist loadfile tests/jax
 
 ## make install-check: build the wheel, install it (not editable) with its dependencies into a fresh venv in a
 ## temporary directory, and use it from there: tests/install_smoke.py, fed on stdin so the checkout is not on sys.path.

@@ -12,8 +12,9 @@ variables), with rare spikes, NaN counts, update ratios, 20 layers'
 
 Targets: `observe_many` on 50 x 50 well under 5 ms, on 50 x 1000 under 20 ms.
 
-With `--against REV`, it instead times this checkout's `keras_vg/detect.py`
-against the one at git revision REV, loaded into the same process: the
+With `--against REV`, it instead times this checkout's `keras_vg.detect`
+against the one at git revision REV (a module or, since the split, a
+package), loaded into the same process: the
 same batches go to one detector of each version, alternating which runs
 first, and each line gives both fastest times and the median of the paired
 ratios (this checkout over REV), the only comparison the shared machine's
@@ -28,10 +29,13 @@ It prints one line per shape.
 """
 
 import argparse
-import importlib.util
+import importlib
+import io
 import os
+import shutil
 import subprocess
 import sys
+import tarfile
 import tempfile
 import time
 
@@ -115,15 +119,32 @@ def bench_classify(rounds, rng):
 
 
 def detect_at(revision):
-    """`keras_vg/detect.py` as it was at a git revision, imported as a module of its own."""
-    source = subprocess.run(["git", "show", f"{revision}:keras_vg/detect.py"], capture_output=True, text=True,
-                            check=True, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__)))).stdout
-    with tempfile.NamedTemporaryFile("w", suffix=".py", delete=False) as f:
-        f.write(source)
-    spec = importlib.util.spec_from_file_location(f"detect_{revision}", f.name)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    os.unlink(f.name)
+    """`keras_vg.detect` as it was at a git revision, imported beside this checkout's.
+
+    The revision's `keras_vg/` is unpacked into a temporary folder and imported
+    while this checkout's modules are set aside; its modules keep references
+    to each other, so it runs on its own once this checkout's are back.
+    """
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    archive = subprocess.run(["git", "archive", revision, "keras_vg"], capture_output=True, check=True,
+                             cwd=root).stdout
+    folder = tempfile.mkdtemp()
+    with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
+        tar.extractall(folder, filter="data")
+
+    def ours():
+        return [name for name in sys.modules if name == "keras_vg" or name.startswith("keras_vg.")]
+
+    saved = {name: sys.modules.pop(name) for name in ours()}
+    sys.path.insert(0, folder)
+    try:
+        module = importlib.import_module("keras_vg.detect")
+    finally:
+        sys.path.remove(folder)
+        for name in ours():
+            del sys.modules[name]
+        sys.modules.update(saved)
+        shutil.rmtree(folder)
     return module
 
 

@@ -688,6 +688,7 @@ def margins(run, every):
         `bias` (the smallest such ratio of any other bias, scale or offset).
     """
     from keras_vg import detect
+    from keras_vg.detect.classification import _ratios_to_kernels
 
     sub = Subsampled(run, every)
     off = {"exploding_norm": None, "exploding_update_ratio": None, "spike_factor": 1e30,
@@ -706,7 +707,7 @@ def margins(run, every):
     structural = {z["variable"] for z in zeros if z["reason"]}
     steps, names, norm = sub.stat("grad_norm")
     structure = detect.Structure(names, sub.model())
-    ratios = detect._ratios_to_kernels(structure, norm, 1)
+    ratios = _ratios_to_kernels(structure, norm, 1)
     others = [r for n, r in zip(names, ratios) if n not in structural and np.isfinite(r)]
     layer_norms = structure.unit_norms(norm)
     layer_norms = layer_norms[np.isfinite(layer_norms)]

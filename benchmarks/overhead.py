@@ -40,7 +40,7 @@ import keras_vg  # noqa: E402
 from keras_vg.monitor import DEFAULT_EVERY  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from interleaved import add_threads_option, hold_threads, print_table, time_arms  # noqa: E402
+from interleaved import add_threads_option, hold_threads, print_table, steps_after_warm_up, time_arms  # noqa: E402
 
 
 def sgd_mlp():
@@ -137,7 +137,9 @@ ARMS = {
 """Arms beside plain `fit`: a function of a log directory returning the arm's callbacks."""
 
 
-def compile_arm(model, optimizer, arm, jit_compile=False):
+def compile_arm(model, optimizer, arm, jit_compile="auto"):
+    """Compiles as users do: Keras's "auto" is XLA on JAX (where False would run eagerly) and a
+    GPU, a plain tf.function on TensorFlow's CPU."""
     if arm == "Keras global_clipnorm=1":
         optimizer = type(optimizer).from_config({**optimizer.get_config(), "global_clipnorm": 1.0})
     model.compile(optimizer=optimizer, loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
@@ -158,7 +160,7 @@ def make_arms(name, arm_names, log_root, jit_compile):
     return models, callbacks
 
 
-def run_model(name, arm_names, rounds, batches, jit_compile=False):
+def run_model(name, arm_names, rounds, batches, jit_compile="auto"):
     keras.utils.set_random_seed(0)
     _, x, batch = MODELS[name]()
     x = x[: batch * batches]
@@ -173,9 +175,10 @@ def run_model(name, arm_names, rounds, batches, jit_compile=False):
     with tempfile.TemporaryDirectory() as log_root:
         models, callbacks = make_arms(name, arm_names, log_root, jit_compile)
         wall, cpu = time_arms(models, callbacks, fit, rounds)
-    xla = ", jit_compile=True" if jit_compile else ""
-    print_table(f"{name}{xla}: batch {batch}, {batches} batches/round, {rounds} rounds", wall, cpu, batches - 3)
-    plain_later = statistics.median(wall["plain"]) * batches / (batches - 3)
+    xla = ", jit_compile=True" if jit_compile is True else ""
+    print_table(f"{name}{xla}: batch {batch}, {batches} batches/round, {rounds} rounds", wall, cpu,
+                steps_after_warm_up(batches))
+    plain_later = statistics.median(wall["plain"]) * batches / steps_after_warm_up(batches)
     print("\nExtra time of the first fit (tracing and compiling), against plain's:")
     for arm, model in models.items():
         if arm != "plain":
@@ -240,7 +243,7 @@ def main():
         memory_table([a for a in args.arms if a != "plain (A/A)"], args.repeats)
         return
     for name in args.models:
-        run_model(name, args.arms, args.rounds, args.batches, args.jit)
+        run_model(name, args.arms, args.rounds, args.batches, True if args.jit else "auto")
 
 
 if __name__ == "__main__":

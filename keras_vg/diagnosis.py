@@ -30,9 +30,8 @@ import re
 import numpy as np
 
 from keras_vg import detect
+from keras_vg.activations import RELU_FAMILY, SATURATING
 
-SATURATING = frozenset({"sigmoid", "hard_sigmoid", "tanh", "hard_tanh"})
-RELU_FAMILY = frozenset({"relu", "relu6", "leaky_relu", "elu", "selu", "prelu", "silu", "swish", "gelu"})
 # Initialisers that scale with fan-in/fan-out; anything else (RandomNormal with
 # a fixed stddev, Zeros, ...) is a likely cause of vanishing or exploding.
 SCALED_INITS = frozenset({"GlorotUniform", "GlorotNormal", "HeUniform", "HeNormal", "LecunUniform",
@@ -753,7 +752,7 @@ def _facts(layer_names, summary):
     return {
         "output_only": bool(layer_names) and set(layer_names) == {output},
         "known": summary is not None,
-        "saturating": bool(activations & SATURATING),
+        "saturating": bool(activations & SATURATING.keys()),
         "relu_family": bool(activations & RELU_FAMILY),
         "plain_relu": "relu" in activations,
         "he": bool(inits) and inits <= HE_INITS,

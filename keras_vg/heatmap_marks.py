@@ -51,6 +51,14 @@ MARKS = {
 marks read in monochrome too. The plugin's canvas and matplotlib draw these
 names each their own way."""
 
+OUTLINED = frozenset({"exploding"})
+"""Classes whose regions are outlined as well as patterned, so that exploding
+regions differ from vanishing ones at a glance."""
+
+RINGED = frozenset({"exploding", "nonfinite"})
+"""Classes whose cells get a ring where cells are tiny (the dashboard's canvas):
+one step of one row must not hide among a million cells."""
+
 _GRID_CLASSES = {
     fmt.AXIS_VARIABLE: ("vanishing", "exploding", "nonfinite"),
     fmt.AXIS_LAYER: ("dead", "saturated"),
@@ -68,7 +76,7 @@ def precedence():
     """Class codes, most serious first, in `detect`'s order: nonfinite, exploding, vanishing, dead, saturated, healthy.
 
     Returns:
-        A tuple of every code of `detect.CLASS_NAMES`.
+        A tuple of every code of `detect.CLASS_NAMES` (`detect.CLASS_PRECEDENCE`).
 
     Example:
 
@@ -78,10 +86,7 @@ def precedence():
     """
     from keras_vg import detect
 
-    # `detect.KINDS` lists its episode kinds most serious first; the classes
-    # are the kinds that mark cells, plus healthy.
-    ranked = [detect.CLASS_NAMES.index(kind) for kind in detect.KINDS if kind in detect.CLASS_NAMES]
-    return tuple(ranked) + tuple(c for c in range(len(detect.CLASS_NAMES)) if c not in ranked)
+    return detect.CLASS_PRECEDENCE
 
 
 def classes_shown(stat):

@@ -5,6 +5,8 @@ output (`activation_name`), where its units are (`unit_axis`), when one of its
 units passes no gradient (`dead_unit_gate`) and which saturate
 (`saturation_kind`). It works on models that are not built yet: nothing here
 needs a layer's variables or output shape. It imports Keras, not TensorFlow.
+What each activation does to gradients, by name, is `keras_vg.activations`
+(free of Keras, for the report).
 
 Example:
 
@@ -17,11 +19,7 @@ import collections
 
 import keras
 
-RELU_FAMILY = frozenset({"relu", "relu6", "leaky_relu", "elu", "selu", "prelu"})
-"""Piecewise-linear activations and their smooth variants, the usual remedy for saturation."""
-
-SATURATING = {"sigmoid": "sigmoid", "hard_sigmoid": "sigmoid", "tanh": "tanh", "hard_tanh": "tanh"}
-"""Activations with two asymptotes, by the kind of range they saturate in (`keras_vg.stats.saturated_count`)."""
+from keras_vg.activations import SATURATING
 
 DEAD_UNIT_SLOPE = 1e-3
 """A unit is dead when its activation's slope is below this fraction of its slope on the

@@ -40,8 +40,6 @@ _PATTERNS = {
     "vertical": ("|||", "none", "black"),
     "antidiagonal": ("\\\\\\", "none", "black"),
 }
-_OUTLINED = ("exploding",)
-
 
 def plot_run(run, stat="grad_norm", path=None, ax=None, thresholds=None, by="layer"):
     """Draws a run's heatmap of one statistic, with the detected regions marked.
@@ -118,7 +116,7 @@ def plot_run(run, stat="grad_norm", path=None, ax=None, thresholds=None, by="lay
         if not boxes:
             continue
         ax.add_collection(PatchCollection(boxes, facecolor=face, edgecolor=edge, hatch=hatch,
-                                          linewidth=1.0 if name in _OUTLINED else 0.0))
+                                          linewidth=1.0 if name in heatmap_marks.OUTLINED else 0.0))
         legend.append(patches.Patch(facecolor="0.4" if face == "none" else face, edgecolor=edge,
                                     hatch=hatch, label=name))
     if np.isnan(values).any() or (not absent and np.isinf(values).any()):

@@ -30,12 +30,12 @@ import tensorflow as tf
 from keras_vg import _keras_compat, stats
 from keras_vg import format as fmt
 from keras_vg.device_buffers import SPARE_ROWS, ring_slot, sync_on_read, write_row
-from keras_vg.layers import activation_layers, activation_name, unit_axis, walk_layers
+from keras_vg.layers import activation_layers, unit_axis
 from keras_vg.nonfinite_watch import loss_tracker
 from keras_vg.record_buffers import RecordBuffers
 from keras_vg.weight_updates import UpdateMeter, backend_value
 
-__all__ = ["Tap", "activation_name", "walk_layers"]
+__all__ = ["Tap"]
 
 
 class _StepContext(threading.local):

@@ -258,7 +258,9 @@ class GradientsPlugin(base_plugin.TBPlugin):
             shape, see `downsample.encode_regions`), `regions` (class names
             by code), `precedence` (codes, most serious first), `marked`
             (the codes this statistic's cells can have, most serious first),
-            `marks` (class name -> pattern), `scale` (`"log"`, or
+            `marks` (class name -> pattern), `outlined` and `ringed` (the
+            class names whose regions are also outlined, and whose tiny
+            cells are ringed), `scale` (`"log"`, or
             `"linear"` for the fractions), `downsampled`, `reduction`,
             `num_steps` and `retention`.
         """
@@ -279,10 +281,12 @@ class GradientsPlugin(base_plugin.TBPlugin):
             "names": series.names,
             "nan_is_absent": stat in heatmap_marks.NAN_IS_ABSENT,
             "num_steps": steps,
+            "outlined": sorted(heatmap_marks.OUTLINED),
             "precedence": list(heatmap_marks.precedence()),
             "reduction": _reduction_text(stat),
             "regions": list(_detect().CLASS_NAMES),
             "retention": series.retention,
+            "ringed": sorted(heatmap_marks.RINGED),
             "row_variables": _row_variables(series),
             "rows": "variable" if fmt.axis_of(stat) == fmt.AXIS_VARIABLE and by == "variable" else "layer",
             "run": run,
@@ -516,7 +520,7 @@ def _episode_json(episode):
 
 
 def _reduction_text(stat):
-    if stat in downsample.NAN_IS_ABSENT:
+    if stat in heatmap_marks.NAN_IS_ABSENT:
         return "max of the defined values per bucket"
     return "max per bucket; NaN or inf anywhere in the bucket wins"
 

@@ -15,6 +15,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from resume_callbacks import IterationsAtFirstBatch, StopAtEpoch
 
 import keras_vg
 
@@ -87,25 +88,6 @@ def iterations(model):
 
 def monitor(log_dir):
     return keras_vg.GradientMonitor(log_dir, every=EVERY, verbose=0)
-
-
-class IterationsAtFirstBatch(keras.callbacks.Callback):
-    def on_train_begin(self, logs=None):
-        self.value = None
-
-    def on_train_batch_begin(self, batch, logs=None):
-        if self.value is None:
-            self.value = int(self.model.optimizer.iterations.numpy())
-
-
-class StopAtEpoch(keras.callbacks.Callback):
-    def __init__(self, epoch):
-        super().__init__()
-        self.epoch = epoch
-
-    def on_epoch_begin(self, epoch, logs=None):
-        if epoch == self.epoch:
-            raise RuntimeError("interrupted")
 
 
 class Batches(keras.utils.PyDataset):

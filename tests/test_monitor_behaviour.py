@@ -11,6 +11,7 @@ import warnings
 import keras
 import numpy as np
 import pytest
+from resume_callbacks import IterationsAtFirstBatch, StopAtEpoch
 
 import keras_vg
 from keras_vg import detect
@@ -137,36 +138,20 @@ def test_same_instance_two_fits_and_resumed_step_numbers(tmp_path):
     assert monitor.tap.trace_count == 1
 
 
-class _StopAtEpoch(keras.callbacks.Callback):
-    def __init__(self, epoch):
-        super().__init__()
-        self.epoch = epoch
-
-    def on_epoch_begin(self, epoch, logs=None):
-        if epoch == self.epoch:
-            raise RuntimeError("interrupted")
-
-
 def test_backup_and_restore_continues_step_numbers(tmp_path):
     x, y = classification_data(128)
     backup = keras.callbacks.BackupAndRestore(str(tmp_path / "backup"))
     model = deep_mlp("relu", "he_normal", depth=2)
     with pytest.raises(RuntimeError, match="interrupted"):
         model.fit(x, y, batch_size=32, epochs=4, verbose=0,
-                  callbacks=[backup, keras_vg.GradientMonitor(tmp_path / "run", every=1, verbose=0), _StopAtEpoch(2)])
+                  callbacks=[backup, keras_vg.GradientMonitor(tmp_path / "run", every=1, verbose=0), StopAtEpoch(2)])
     model = deep_mlp("relu", "he_normal", depth=2)  # a fresh process would start from scratch too
-    first = _IterationsAtFirstBatch()
+    first = IterationsAtFirstBatch()
     model.fit(x, y, batch_size=32, epochs=4, verbose=0,
               callbacks=[backup, first, keras_vg.GradientMonitor(tmp_path / "run", every=1, verbose=0)])
     assert first.value == 8  # restored from the checkpoint of epoch 1, not started again from 0
     steps = keras_vg.read_run(tmp_path / "run").stat("grad_norm")[0]
     np.testing.assert_array_equal(steps, np.arange(16))
-
-
-class _IterationsAtFirstBatch(keras.callbacks.Callback):
-    def on_train_batch_begin(self, batch, logs=None):
-        if not hasattr(self, "value"):
-            self.value = int(self.model.optimizer.iterations.numpy())
 
 
 class BypassingModel(keras.Model):

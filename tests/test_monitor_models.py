@@ -4,16 +4,12 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from zoo_data import IMAGES, LABELS, SEQUENCES, TOKENS, rng
 
 import keras_vg
 
 pytestmark = pytest.mark.fit
 
-rng = np.random.RandomState(0)
-IMAGES = rng.rand(32, 8, 8, 3).astype("float32")
-SEQUENCES = rng.randn(32, 10, 4).astype("float32")
-TOKENS = rng.randint(0, 50, size=(32, 6)).astype("int32")
-LABELS = rng.randint(0, 3, size=(32,)).astype("int32")
 
 
 def conv_batchnorm():

@@ -156,7 +156,7 @@ def output_layer_variables(model):
         if layer.trainable_variables:
             layers.append(layer)
     if not layers:
-        from keras_vg.tap import walk_layers
+        from keras_vg.layers import walk_layers
 
         with_weights = [layer for layer in walk_layers(model) if layer.trainable_variables]
         layers = with_weights[-1:]

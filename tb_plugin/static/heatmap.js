@@ -15,10 +15,6 @@ export const BACKGROUND = [255, 255, 255];
 export const NON_FINITE = [255, 0, 255]; // magenta: NaN or inf where it means a broken value
 export const UNDEFINED = [200, 200, 200]; // grey: NaN meaning "undefined" or "no record"
 const LABEL_FONT = '11px sans-serif';
-// Classes whose cells also get an outline, and a ring where cells are tiny:
-// one step of one row must not hide among a million cells.
-const OUTLINED = new Set(['exploding']);
-const RINGED = new Set(['exploding', 'nonfinite']);
 
 // Viridis, sampled at 9 points and interpolated to 256 entries.
 const VIRIDIS = [
@@ -128,12 +124,17 @@ function makePattern(ctx, kind) {
 }
 
 /**
- * The classes a heatmap marks, most serious first, with their patterns.
+ * The classes a heatmap marks, most serious first, with their patterns and
+ * whether their regions are also outlined and their tiny cells ringed.
  * @param {Object} json a /heatmap answer
- * @return {Array<{code: number, name: string, pattern: string}>}
+ * @return {Array<{code: number, name: string, pattern: string, outlined: boolean, ringed: boolean}>}
  */
 export function markedClasses(json) {
-  return json.marked.map((code) => ({code, name: json.regions[code], pattern: json.marks[json.regions[code]]}));
+  return json.marked.map((code) => {
+    const name = json.regions[code];
+    return {code, name, pattern: json.marks[name], outlined: json.outlined.includes(name),
+      ringed: json.ringed.includes(name)};
+  });
 }
 
 /**
@@ -199,7 +200,7 @@ export function drawHeatmap(canvas, heatmap, selection = {}) {
   ctx.drawImage(cells, x0, y0, w, h);
 
   // Class marks: a mask of the marked cells, scaled like the cells, filled with a pattern.
-  for (const {code, name, pattern} of marked) {
+  for (const {code, pattern, outlined} of marked) {
     const mask = masks.get(code);
     if (!mask.used) continue;
     const maskCanvas = document.createElement('canvas');
@@ -216,10 +217,11 @@ export function drawHeatmap(canvas, heatmap, selection = {}) {
     l.fillStyle = makePattern(l, pattern);
     l.fillRect(0, 0, layer.width, layer.height);
     ctx.drawImage(layer, x0, y0, w, h);
-    // Outlined too, so that exploding regions differ from vanishing ones at a glance.
-    if (OUTLINED.has(name)) outlineMask(ctx, heatmap.classes, code, geometry, columns);
+    // Outlined too where the server says so (exploding: to differ from vanishing at a glance).
+    if (outlined) outlineMask(ctx, heatmap.classes, code, geometry, columns);
   }
-  const ringed = new Set(marked.filter((mark) => RINGED.has(mark.name)).map((mark) => mark.code));
+  // Ringed where cells are tiny: one step of one row must not hide among a million cells.
+  const ringed = new Set(marked.filter((mark) => mark.ringed).map((mark) => mark.code));
   ringSmallRegions(ctx, heatmap.classes, ringed, geometry, columns);
 
   drawAxes(ctx, heatmap, geometry);

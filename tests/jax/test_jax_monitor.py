@@ -169,9 +169,10 @@ def test_a_recompile_continues_the_step_axis_and_the_dashboard_serves_the_run(tm
     try:
         runs = json.loads(client.get("/data/plugin/keras_vg/runs").get_data(as_text=True))
         assert "run" in json.dumps(runs)
-        response = client.get("/data/plugin/keras_vg/heatmap", query_string={"run": "run", "stat": "grad_norm"})
-        heatmap = json.loads(response.get_data(as_text=True))
-        # Layer rows by default (the plugin's default since the per-layer views), as `Run.stat` gives them.
-        assert response.status_code == 200 and heatmap["names"] == run.stat("grad_norm", by="layer")[1]
+        for by in ("layer", "variable"):  # the dashboard opens on layers, variables one click away
+            response = client.get("/data/plugin/keras_vg/heatmap",
+                                  query_string={"run": "run", "stat": "grad_norm", "by": by})
+            heatmap = json.loads(response.get_data(as_text=True))
+            assert response.status_code == 200 and heatmap["names"] == run.stat("grad_norm", by=by)[1]
     finally:
         plugin.close()
