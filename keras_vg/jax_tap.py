@@ -34,6 +34,7 @@ import numpy as np
 from keras_vg import _keras_compat
 from keras_vg.layers import activation_layers, unit_axis
 from keras_vg.nonfinite_watch import loss_tracker
+from keras_vg.patches import Patches
 from keras_vg.record_buffers import RecordBuffers
 
 _TINY = 1.2e-31
@@ -158,7 +159,7 @@ class JaxTap:
         self.buffers = None
         self._recording = False
         self._captured = _Captured()
-        self._undo = []
+        self._patches = Patches()
 
     def install(self):
         """Makes the buffers and wraps the optimizer, the loss computation and the activation layers."""
@@ -175,29 +176,18 @@ class JaxTap:
         # Under a distribution, Keras fixes the state's shardings when it makes the train function:
         # its own must be made again, now that the state holds the records.
         self.model.make_train_function(force=True)
-        self._wrap(self.optimizer, "stateless_apply", self._stateless_apply)
-        self._wrap(self.model, "compute_loss_and_updates", self._compute_loss_and_updates)
+        self._patches.wrap(self.optimizer, "stateless_apply", self._stateless_apply)
+        self._patches.wrap(self.model, "compute_loss_and_updates", self._compute_loss_and_updates)
         for index, (layer, gate) in enumerate(self.dead_layers):
             measure = functools.partial(_passing_units, gate=gate, axis=unit_axis(layer))
-            self._wrap(layer, "call", self._activation_call("dead", index, measure))
+            self._patches.wrap(layer, "call", self._activation_call("dead", index, measure))
         for index, (layer, kind) in enumerate(self.saturation_layers):
             measure = functools.partial(_saturated_count, kind=kind, epsilon=self.saturation_epsilon)
-            self._wrap(layer, "call", self._activation_call("saturated", index, measure))
-
-    def _wrap(self, obj, attribute, make_wrapper):
-        wrapper = make_wrapper(getattr(obj, attribute))
-        setattr(obj, attribute, wrapper)
-
-        def undo():
-            if obj.__dict__.get(attribute) is wrapper:
-                delattr(obj, attribute)
-
-        self._undo.append(undo)
+            self._patches.wrap(layer, "call", self._activation_call("saturated", index, measure))
 
     def uninstall(self):
         """Restores every wrapped method; the records metric stays, passing through. Idempotent."""
-        while self._undo:
-            self._undo.pop()()
+        self._patches.undo_all()
 
     def make_train_function(self):
         """Returns the instrumented train function, built by Keras like its own (jitted at its first call)."""

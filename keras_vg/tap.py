@@ -32,6 +32,7 @@ from keras_vg import format as fmt
 from keras_vg.device_buffers import SPARE_ROWS, ring_slot, sync_on_read, write_row
 from keras_vg.layers import activation_layers, unit_axis
 from keras_vg.nonfinite_watch import loss_tracker
+from keras_vg.patches import Patches
 from keras_vg.record_buffers import RecordBuffers
 from keras_vg.weight_updates import UpdateMeter, backend_value
 
@@ -115,7 +116,7 @@ class Tap:
         self._set_up_lock = threading.Lock()
         self._step_context = _StepContext()
         self._unreadable = set()
-        self._undo = []
+        self._patches = Patches()
 
     # Set-up -----------------------------------------------------------------
 
@@ -124,15 +125,15 @@ class Tap:
 
         The wrappers act only while `make_train_function`'s function is traced.
         """
-        self._wrap_instance_method(self.optimizer, "apply", self._apply)
+        self._patches.wrap(self.optimizer, "apply", self._apply)
         for index, (layer, gate) in enumerate(self.dead_layers):
             measure_dead = functools.partial(stats.passing_units, gate=gate, unit_axis=unit_axis(layer))
-            self._wrap_instance_method(layer, "call", self._activation_call("dead", index, measure_dead))
+            self._patches.wrap(layer, "call", self._activation_call("dead", index, measure_dead))
         for index, (layer, kind) in enumerate(self.saturation_layers):
             def measure_saturation(outputs, kind=kind):
                 return tf.stack(stats.saturated_count(outputs, kind, self.saturation_epsilon))
 
-            self._wrap_instance_method(layer, "call", self._activation_call("saturated", index, measure_saturation))
+            self._patches.wrap(layer, "call", self._activation_call("saturated", index, measure_saturation))
         strategy = self.model.distribute_strategy
         self._replicas = strategy.num_replicas_in_sync
         # Gradient statistics are taken in `apply` on one replica (before any Keras
@@ -144,7 +145,7 @@ class Tap:
             if self._gradients_in_apply:
                 stages = _keras_compat.aggregated_gradient_stages(self.optimizer)
                 if stages is not None:
-                    self._undo.append(stages.add(self._observe_aggregated, _keras_compat.PRE_CLIP))
+                    self._patches.add(stages.add(self._observe_aggregated, _keras_compat.PRE_CLIP))
                     self._gradients_in_apply = False
                 else:
                     self._all_reduce_in_apply = True
@@ -152,21 +153,9 @@ class Tap:
             with strategy.scope():
                 self._set_up(self.model.trainable_variables)
 
-    def _wrap_instance_method(self, obj, attribute, make_wrapper):
-        original = getattr(obj, attribute)
-        wrapper = make_wrapper(original)
-        setattr(obj, attribute, wrapper)
-
-        def undo():
-            if obj.__dict__.get(attribute) is wrapper:
-                delattr(obj, attribute)
-
-        self._undo.append(undo)
-
     def uninstall(self):
         """Restores every wrapped method. Idempotent."""
-        while self._undo:
-            self._undo.pop()()
+        self._patches.undo_all()
 
     def make_train_function(self):
         """Returns the instrumented train function, built by Keras like its own.

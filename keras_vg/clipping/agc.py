@@ -70,10 +70,11 @@ class AGC(ClipPolicy):
 
     Example:
 
+    >>> import tensorflow as tf
     >>> policy = AGC(clip_factor=0.01)
     >>> w = tf.Variable([[1.0], [0.0]])          # one unit, ‖W‖ = 1
     >>> decision, _ = policy.update({}, tf.constant(1.0), [tf.constant([[0.6], [0.8]])], [w])
-    >>> [round(v, 4) for v in policy.clip(decision, [tf.constant([[0.6], [0.8]])])[0].numpy().ravel()]
+    >>> [round(float(v), 4) for v in policy.clip(decision, [tf.constant([[0.6], [0.8]])])[0].numpy().ravel()]
     [0.006, 0.008]
 
     References:

@@ -26,6 +26,7 @@ class Percentile(ClipPolicy):
 
     Example:
 
+    >>> import tensorflow as tf
     >>> policy = Percentile(p=50, history=4)
     >>> state = {k: tf.constant(v) for k, v in policy.init().items()}
     >>> for norm in [1.0, 2.0, 3.0]:
