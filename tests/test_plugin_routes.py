@@ -543,3 +543,31 @@ def test_serves_the_clipping_autoclip_recorded(tmp_path):
     code, listing = get(client, "/runs")
     stats = listing["runs"][0]["stats"]
     assert code == 200 and {"global_grad_norm_clipped", "clipped", "skipped"} <= set(stats)
+
+
+def test_steps_autoclip_skipped_are_alerts_of_their_own_never_stalls(tmp_path):
+    import keras
+
+    import keras_vg
+
+    log_dir = tmp_path / "skipping_run"
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(128, 4)).astype("float32")
+    y = rng.normal(size=(128, 1)).astype("float32")
+    x[96:] = np.nan  # batches 12-15 of 16: non-finite gradients, which AutoClip skips
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(8, activation="relu"), keras.layers.Dense(1)])
+    model.compile(optimizer=keras.optimizers.SGD(1e-3), loss="mse")
+    monitor = keras_vg.GradientMonitor(log_dir, every=1, verbose=0)
+    model.fit(x, y, batch_size=8, epochs=1, shuffle=False, verbose=0,
+              callbacks=[monitor, keras_vg.AutoClip(verbose=0, skip_patience=100)])
+    monitor.close()
+
+    skipped = [e["step"] for e in read_run(log_dir).events() if e["kind"] == "skip"]
+    assert skipped == [12, 13, 14, 15]
+    code, answer = get(make_client(tmp_path), "/classification", run="skipping_run")
+    assert code == 200
+    alerts = [(e["kind"], e["first_step"], e["last_step"]) for e in answer["episodes"]]
+    assert ("skipped", 12, 15) in alerts, alerts
+    assert "skipped by AutoClip" in next(e["message"] for e in answer["episodes"] if e["kind"] == "skipped")
+    # The weights stood still on those steps because AutoClip skipped them: not a stall.
+    assert not any(kind == "stalled" and end >= 12 for kind, _, end in alerts), alerts
