@@ -318,7 +318,7 @@ def test_policies_by_name_and_repr():
 
 
 def test_global_norm_is_one_read_and_flags_nonfinite_and_overflow():
-    from keras_vg.clipping.autoclip import _global_norm
+    from keras_vg.clipping.in_step import global_norm as _global_norm
 
     norm, finite = _global_norm([tf.constant([3.0, 4.0]), tf.constant([[12.0]])])
     assert float(norm) == 13.0 and bool(finite)

@@ -15,11 +15,12 @@ See `docs/CLIPPING.md`.
 """
 
 from keras_vg.clipping.agc import AGC
-from keras_vg.clipping.autoclip import AutoClip, write_records
+from keras_vg.clipping.autoclip import AutoClip
 from keras_vg.clipping.global_norm import GlobalNorm
 from keras_vg.clipping.guard import SpikeGuard
 from keras_vg.clipping.percentile import Percentile
 from keras_vg.clipping.policy import MAX_NORM, ClipPolicy, Decision
+from keras_vg.clipping.records import write_records
 from keras_vg.clipping.switch import ClipSwitch
 from keras_vg.clipping.zscore import ZScore
 
