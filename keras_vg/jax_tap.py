@@ -32,10 +32,11 @@ import keras
 import numpy as np
 
 from keras_vg import _keras_compat
-from keras_vg.layers import activation_layers, unit_axis
+from keras_vg.layers import unit_axis
 from keras_vg.nonfinite_watch import loss_tracker
 from keras_vg.patches import Patches
 from keras_vg.record_buffers import RecordBuffers
+from keras_vg.tap_settings import TapSettings
 
 _TINY = 1.2e-31
 """Below `size · _TINY` a sum of squares may have lost squares to underflow (see `keras_vg.stats`)."""
@@ -131,7 +132,7 @@ def _write(buffer, row, slot, is_record):
     return updated if is_record is None else jnp.where(is_record, updated, buffer)
 
 
-class JaxTap:
+class JaxTap(TapSettings):
     """Records per-variable and per-layer statistics in an instrumented JAX train function.
 
     The same interface as `keras_vg.tap.Tap`, which documents the arguments.
@@ -145,14 +146,7 @@ class JaxTap:
     """
 
     def __init__(self, model, every, capacity, stats_to_record, saturation_epsilon=0.01):
-        self.model = model
-        self.every = int(every)
-        self.capacity = int(capacity)
-        self.stats_to_record = tuple(stats_to_record)
-        self.saturation_epsilon = float(saturation_epsilon)
-        self.optimizer = model.optimizer
-        self.steps_per_execution = int(getattr(model, "steps_per_execution", 1) or 1)
-        self.dead_layers, self.saturation_layers = activation_layers(model, self.stats_to_record)
+        super().__init__(model, every, capacity, stats_to_record, saturation_epsilon, model.optimizer)
         self.trace_count = 0
         self.applied = False
         self.records = None

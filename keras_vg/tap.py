@@ -30,10 +30,11 @@ import tensorflow as tf
 from keras_vg import _keras_compat, stats
 from keras_vg import format as fmt
 from keras_vg.device_buffers import SPARE_ROWS, ring_slot, sync_on_read, write_row
-from keras_vg.layers import activation_layers, unit_axis
+from keras_vg.layers import unit_axis
 from keras_vg.nonfinite_watch import loss_tracker
 from keras_vg.patches import Patches
 from keras_vg.record_buffers import RecordBuffers
+from keras_vg.tap_settings import TapSettings
 from keras_vg.weight_updates import UpdateMeter, backend_value
 
 __all__ = ["Tap"]
@@ -71,7 +72,7 @@ def _make_buffer(key, spec):
     return sync_on_read(tf.fill(shape, tf.constant(initial, dtype)), "keras_vg_buffer", lift=False)
 
 
-class Tap:
+class Tap(TapSettings):
     """Records per-variable and per-layer statistics in an instrumented train function.
 
     The variables recorded are those the train step updates, found when the
@@ -98,14 +99,8 @@ class Tap:
     """
 
     def __init__(self, model, every, capacity, stats_to_record, saturation_epsilon=0.01):
-        self.model = model
-        self.every = int(every)
-        self.capacity = int(capacity)
-        self.stats_to_record = tuple(stats_to_record)
-        self.saturation_epsilon = float(saturation_epsilon)
-        self.optimizer = _keras_compat.applying_optimizer(model.optimizer)
-        self.steps_per_execution = int(getattr(model, "steps_per_execution", 1) or 1)
-        self.dead_layers, self.saturation_layers = activation_layers(model, self.stats_to_record)
+        super().__init__(model, every, capacity, stats_to_record, saturation_epsilon,
+                         _keras_compat.applying_optimizer(model.optimizer))
         self.variables = None
         self.records = None
         self.buffers = None
