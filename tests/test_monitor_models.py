@@ -4,7 +4,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from zoo_data import IMAGES, LABELS, SEQUENCES, TOKENS, rng
+from zoo_data import IMAGES, LABELS, SEQUENCES, TOKENS, functional_residual, rng
 
 import keras_vg
 
@@ -39,14 +39,6 @@ def embedding():
         keras.Input((6,), dtype="int32"), keras.layers.Embedding(50, 8),
         keras.layers.GlobalAveragePooling1D(), keras.layers.Dense(3),
     ]), TOKENS
-
-
-def functional_residual():
-    inputs = keras.Input((10, 4))
-    x = keras.layers.Flatten()(inputs)
-    x = keras.layers.Dense(16, activation="relu")(x)
-    x = keras.layers.Add()([x, keras.layers.Dense(16, activation="relu")(x)])
-    return keras.Model(inputs, keras.layers.Dense(3)(x)), SEQUENCES
 
 
 class Subclassed(keras.Model):

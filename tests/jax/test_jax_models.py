@@ -4,7 +4,7 @@ import jax
 import keras
 import numpy as np
 import pytest
-from zoo_data import IMAGES, LABELS, SEQUENCES, TOKENS
+from zoo_data import IMAGES, LABELS, SEQUENCES, TOKENS, functional_residual
 
 import keras_vg
 
@@ -31,13 +31,6 @@ def gru_stack():
 def embedding():
     return keras.Sequential([keras.layers.Embedding(50, 8), keras.layers.GlobalAveragePooling1D(),
                              keras.layers.Dense(3)]), TOKENS
-
-
-def functional_residual():
-    inputs = keras.Input((10, 4))
-    x = keras.layers.Dense(16, activation="relu")(keras.layers.Flatten()(inputs))
-    x = keras.layers.Add()([x, keras.layers.Dense(16, activation="relu")(x)])
-    return keras.Model(inputs, keras.layers.Dense(3)(x)), SEQUENCES
 
 
 class Subclassed(keras.Model):

@@ -119,19 +119,23 @@ def test_two_functions_each_traced_once_and_training_unchanged(tmp_path):
 
 
 NO_TENSORFLOW = """
-import sys
+import sys, warnings
 import keras, numpy as np
 import keras_vg
 model = keras.Sequential([keras.layers.Dense(4, activation="relu"), keras.layers.Dense(1)])
 model.compile(optimizer="sgd", loss="mse")
 x = np.random.rand(64, 8).astype("float32")
-model.fit(x, x[:, :1], verbose=0, callbacks=[keras_vg.GradientMonitor(sys.argv[1], every=2, verbose=0)])
+with warnings.catch_warnings(record=True) as caught:  # AutoClip beside it only warns on JAX
+    warnings.simplefilter("always")
+    model.fit(x, x[:, :1], verbose=0, callbacks=[keras_vg.AutoClip(policy="agc"),
+                                                 keras_vg.GradientMonitor(sys.argv[1], every=2, verbose=0)])
+assert any("AutoClip" in str(w.message) for w in caught), [str(w.message) for w in caught]
 print(keras_vg.read_run(sys.argv[1]).diagnose())
 assert "tensorflow" not in sys.modules, "TensorFlow was imported"
 """
 
 
-def test_training_and_reading_on_jax_import_no_tensorflow(tmp_path):
+def test_training_with_autoclip_and_reading_on_jax_import_no_tensorflow(tmp_path):
     # A fresh process: Keras's own set_random_seed, used by the test fixtures, imports TensorFlow.
     import os
     import subprocess
