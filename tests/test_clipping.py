@@ -214,7 +214,9 @@ def test_skipped_steps_in_a_row_stop_training(tmp_path):
                                          r"was 2"):
         fit(model, x, y, [clip])
     stopped = int(model.optimizer.iterations.numpy())
-    assert 3 + 10 <= stopped <= 3 + 33
+    # The dead end is step 12 (ten skipped in a row from step 3); the host checks every 32 steps, or sooner
+    # when a second has passed, so a check may fall between and the stop comes within 32 steps of it.
+    assert 3 + 10 <= stopped <= 3 + 10 + 32
     assert all(np.isfinite(w.numpy()).all() for w in model.weights)  # skipping kept them finite
     # The stop is in the run, as a warning at the step it happened.
     [warning] = [e for e in keras_vg.read_run(tmp_path).events() if e["kind"] == "warning"]
