@@ -17,7 +17,12 @@ class Patches:
     >>> patches.wrap(layer, "call", lambda original: lambda x: original(x) + 1)
     >>> layer.call(1)
     2
-    >>> patches.undo_all()
+    >>> other = Patches()
+    >>> other.wrap(layer, "call", lambda original: lambda x: original(x) * 10)
+    >>> patches.undo_all()       # undone below another hook: that one stays, this one passes through
+    >>> layer.call(1)
+    10
+    >>> other.undo_all()
     >>> layer.call(1), bool(patches)
     (1, False)
     """
@@ -34,12 +39,24 @@ class Patches:
             make_wrapper: A function of the original bound method returning
                 its replacement.
         """
-        wrapper = make_wrapper(getattr(obj, attribute))
+        own = obj.__dict__.get(attribute)  # an instance attribute (another hook) to put back on undo
+        original = getattr(obj, attribute)
+        replacement = make_wrapper(original)
+        active = [True]
+
+        def wrapper(*args, **kwargs):
+            # Undone while another hook made since still holds it: it passes straight through.
+            return (replacement if active[0] else original)(*args, **kwargs)
+
         setattr(obj, attribute, wrapper)
 
         def undo():
-            if obj.__dict__.get(attribute) is wrapper:  # another hook made since stays
-                delattr(obj, attribute)
+            active[0] = False
+            if obj.__dict__.get(attribute) is wrapper:  # on top: the hook below it comes back
+                if own is None:
+                    delattr(obj, attribute)
+                else:
+                    setattr(obj, attribute, own)
 
         self._undo.append(undo)
 
