@@ -29,8 +29,9 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out
 
 # tests/conftest.py asks XLA for two *host* devices; the data-parallel tests need two
 # devices of one kind, which one GPU is not, so they stay on the CPU (where CI runs them).
-timeout 180 python3 -m pytest -q -x -p no:cacheprovider tests/jax/test_jax_monitor.py tests/jax/test_jax_models.py \
-    2>&1 | tee "$out/tests.log"
+timeout 200 python3 -m pytest -q -x -p no:cacheprovider tests/jax/test_jax_monitor.py tests/jax/test_jax_models.py \
+    tests/jax/test_jax_autoclip.py -k "not data_parallel and not rescue" 2>&1 | tee "$out/tests.log"
 
 timeout 300 python3 benchmarks/overhead.py --models gpu_mlp --rounds 6 --batches 30 \
-    --arms "plain (A/A)" every=1 every=10 every=100 default 2>&1 | tee "$out/overhead.log"
+    --arms "plain (A/A)" every=1 every=10 every=100 "default (every=25)" "AutoClip armed" "Keras global_clipnorm=1" \
+    2>&1 | tee "$out/overhead.log"

@@ -476,6 +476,8 @@ def attach_saved_state(model, name, saveable):
 #   records metric of an earlier compile rather than keep both; `Layer._tracker`
 #   (`locked`, `lock`, `unlock`): a built subclassed model locks its tracker against
 #   new state, which the records metric is.
+# - `Optimizer._trainable_variables`: the variables `stateless_apply` takes the values of,
+#   in its order (AutoClip on JAX maps them to those values to read its policies' weights).
 
 
 TESTED_JAX_VERSIONS = ("0.10",)
@@ -495,6 +497,11 @@ def warn_if_jax_untested():
     warnings.warn(f"keras-vg's JAX tap was tested with JAX {', '.join(TESTED_JAX_VERSIONS)}.x; JAX "
                   f"{jax.__version__} is installed. It records through Keras's public stateless API, so the "
                   "numbers should hold; if training fails, remove GradientMonitor and report it.", stacklevel=3)
+
+
+def optimizer_trainable_variables(optimizer):
+    """The variables an optimizer was built for, in the order `stateless_apply` takes their values."""
+    return list(optimizer._trainable_variables)
 
 
 def is_primary_process():
@@ -534,12 +541,45 @@ def attach_metric(model, name, metric):
     return metric
 
 
-def read_variable(model, variable):
-    """The current value of a model's, its optimizer's or its metrics' variable, as numpy.
+def _value_in_jax_state(model, variable):
+    """A variable's value in Keras's JAX training state during `fit`, or None where the variable holds it."""
+    state = getattr(model, "_jax_state", None)
+    if not state or getattr(model, "_jax_state_synced", True):
+        return None
+    groups = (("trainable_variables", model.trainable_variables),
+              ("non_trainable_variables", model.non_trainable_variables),
+              ("optimizer_variables", model.optimizer.variables),
+              ("metrics_variables", model.metrics_variables))
+    for key, variables in groups:
+        values = state.get(key) or ()
+        for candidate, value in zip(variables, values):
+            if candidate is variable:
+                return value
+    return None
+
+
+def current_value(model, variable):
+    """The current value of a model's, its optimizer's or its metrics' variable, as a backend tensor.
 
     On the JAX backend during `fit`, the value is the one Keras's trainer
     holds in its state, which reaches the variable only at the end of the
-    epoch.
+    epoch. On TensorFlow, the backend variable itself.
+
+    Args:
+        model: The Keras model being trained.
+        variable: One of its, its optimizer's or its metrics' variables.
+
+    Returns:
+        A `tf.Variable` or a JAX array.
+    """
+    value = _value_in_jax_state(model, variable)
+    if value is not None:
+        return value
+    return variable.value if isinstance(variable, keras.Variable) else variable
+
+
+def read_variable(model, variable):
+    """`current_value`, as numpy.
 
     Args:
         model: The Keras model being trained.
@@ -548,16 +588,5 @@ def read_variable(model, variable):
     Returns:
         A numpy array.
     """
-    state = getattr(model, "_jax_state", None)
-    if state and not getattr(model, "_jax_state_synced", True):
-        groups = (("trainable_variables", model.trainable_variables),
-                  ("non_trainable_variables", model.non_trainable_variables),
-                  ("optimizer_variables", model.optimizer.variables),
-                  ("metrics_variables", model.metrics_variables))
-        for key, variables in groups:
-            values = state.get(key) or ()
-            for candidate, value in zip(variables, values):
-                if candidate is variable:
-                    return np.asarray(value)
-    return np.asarray(variable.numpy())
-
+    value = _value_in_jax_state(model, variable)
+    return np.asarray(variable.numpy() if value is None else value)

@@ -1,8 +1,10 @@
-"""Ring buffers on the TensorFlow device: written in the train step, read by the host in batches.
+"""Ring buffers on the device: written in the train step, read by the host in batches.
 
 One implementation for `keras_vg.tap.Tap` (the monitor's records, laid out by
 `keras_vg.record_buffers`) and `keras_vg.clipping.AutoClip` (its records and
-events). Each buffer is a SyncOnRead variable (under a `tf.distribute`
+events). `ring_slot` and `scatter_rows` are `keras.ops` (AutoClip's records
+use them on JAX too, in variables of a metric); the variables made here are
+TensorFlow's. On TensorFlow each buffer is a SyncOnRead variable (under a `tf.distribute`
 strategy each replica writes its own copy, and the host reads the first's:
 every replica writes the same, already all-reduced values) with **one spare
 row past its capacity**: a step that records nothing writes its row there,
@@ -19,7 +21,7 @@ Example:
 [[2.0, 2.0, 2.0], [0.0, 0.0, 0.0], [1.0, 1.0, 1.0]]
 """
 
-import tensorflow as tf
+from keras import ops
 
 SPARE_ROWS = 1
 """Rows past a ring buffer's capacity: where a step that records nothing writes."""
@@ -41,6 +43,8 @@ def sync_on_read(initial, name, lift=True):
     Returns:
         A non-trainable `tf.Variable`.
     """
+    import tensorflow as tf
+
     return tf.Variable(
         initial, trainable=False, name=name,
         synchronization=tf.VariableSynchronization.ON_READ,
@@ -62,7 +66,7 @@ def ring_slot(index, capacity, is_record=None):
         An integer scalar tensor of `index`'s dtype.
     """
     slot = index % capacity
-    return slot if is_record is None else tf.where(is_record, slot, tf.cast(capacity, slot.dtype))
+    return slot if is_record is None else ops.where(is_record, slot, ops.cast(capacity, slot.dtype))
 
 
 def scatter_rows(value, slots, rows):
@@ -76,8 +80,8 @@ def scatter_rows(value, slots, rows):
     Returns:
         The new value.
     """
-    slots = tf.reshape(tf.cast(slots, tf.int64), [-1, 1])
-    return tf.tensor_scatter_nd_update(value, slots, tf.cast(rows, value.dtype))
+    slots = ops.reshape(ops.cast(slots, "int32"), [-1, 1])
+    return ops.scatter_update(value, slots, ops.cast(rows, value.dtype))
 
 
 def write_row(buffer, row, slot):
@@ -91,5 +95,5 @@ def write_row(buffer, row, slot):
         row: A tensor of the buffer's row shape.
         slot: An integer scalar tensor (`ring_slot`).
     """
-    row = tf.convert_to_tensor(row, buffer.dtype)
-    buffer.assign(scatter_rows(buffer.read_value(), slot, row[tf.newaxis]))
+    row = ops.convert_to_tensor(row, buffer.dtype)
+    buffer.assign(scatter_rows(buffer.read_value(), slot, row[None]))

@@ -4,7 +4,7 @@ Keras's JAX trainer is stateless: `train_step(state, data)` takes the model's,
 the optimizer's and the metrics' variables as arrays and returns new ones, and
 `fit` threads them from one jitted step to the next. The record buffers
 (`keras_vg.record_buffers`) are therefore the variables of a metric attached
-to the model (`_RecordsMetric`): Keras carries them through every step like
+to the model (`BuffersMetric`): Keras carries them through every step like
 its own metrics, with no host callback and no host sync.
 
 As on TensorFlow, steps that record nothing run the train function Keras
@@ -42,22 +42,29 @@ _TINY = 1.2e-31
 """Below `size · _TINY` a sum of squares may have lost squares to underflow (see `keras_vg.stats`)."""
 
 
-class _RecordsMetric(keras.metrics.Metric):
-    """The record buffers, as a metric's variables: Keras threads them through its stateless step.
+class BuffersMetric(keras.metrics.Metric):
+    """Device buffers, as a metric's variables: Keras threads them through its stateless step.
 
     It never resets (Keras resets metrics at each epoch) and reports nothing
-    in the logs.
+    in the logs. The monitor's records and AutoClip's live in one each.
+
+    Args:
+        name: The metric's name.
+        specs: A dict from key to `(shape, dtype name, initial value)`: a
+            number, or a numpy array of that shape. "int64" and "float64" are
+            kept in 32 bits unless JAX runs in 64 bits, as Keras's own
+            `iterations` is.
     """
 
-    def __init__(self, specs):
-        super().__init__(name="keras_vg_records")
-        # JAX counts in int32 unless told to use 64 bits, as Keras's own `iterations` does then.
-        integer = "int64" if jax.config.jax_enable_x64 else "int32"
-        self.buffers = {
-            key: self.add_variable(shape=tuple(shape), dtype=integer if dtype == "int64" else dtype, name=key,
-                                   initializer=keras.initializers.Constant(initial))
-            for key, (shape, dtype, initial) in specs.items()
-        }
+    def __init__(self, name, specs):
+        super().__init__(name=name)
+        wide = jax.config.jax_enable_x64
+        narrow = {"int64": "int64" if wide else "int32", "float64": "float64" if wide else "float32"}
+        self.buffers = {}
+        for key, (shape, dtype, initial) in specs.items():
+            self.buffers[key] = self.add_variable(shape=tuple(shape), dtype=narrow.get(dtype, dtype), name=key,
+                                                  initializer="zeros")
+            self.buffers[key].assign(np.broadcast_to(initial, tuple(shape)))
 
     def update_state(self, *args, **kwargs):
         del args, kwargs
@@ -165,7 +172,7 @@ class JaxTap(TapSettings):
                                      [layer.name for layer, _ in self.saturation_layers],
                                      self.capacity, with_loss=self._loss_tracker is not None)
         self._metric = _keras_compat.attach_metric(self.model, "_keras_vg_records",
-                                                   _RecordsMetric(self.records.specs()))
+                                                   BuffersMetric("keras_vg_records", self.records.specs()))
         self.buffers = self._metric.buffers
         # Under a distribution, Keras fixes the state's shardings when it makes the train function:
         # its own must be made again, now that the state holds the records.

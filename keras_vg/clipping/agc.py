@@ -2,8 +2,8 @@
 
 import numpy as np
 
-from keras_vg.clipping._tf import tf
-from keras_vg.clipping.policy import ClipPolicy, Decision, check_positive
+from keras import ops
+from keras_vg.clipping.policy import ClipPolicy, Decision, check_positive, is_sparse
 
 DIVISION_EPSILON = 1e-6
 """optax's guard against dividing by a zero gradient norm (it cannot engage)."""
@@ -19,12 +19,12 @@ def unit_axes(shape):
     `(w, in, out)`) reduce over axis 0 only, as optax does.
 
     Args:
-        shape: The variable's shape, a `tf.TensorShape` or list.
+        shape: The variable's shape, a tuple or list (or `tf.TensorShape`).
 
     Returns:
         A tuple of axes, or None for the whole tensor.
     """
-    dims = list(tf.TensorShape(shape).as_list())
+    dims = list(shape)
     if sum(1 for d in dims if d != 1) <= 1:
         return None
     if len(dims) in (2, 3):
@@ -40,10 +40,10 @@ def unitwise_norm(x, axes):
     """L2 norms of `x` over `axes`, kept broadcastable to `x` (None: the whole tensor)."""
     # Not tf.math.reduce_euclidean_norm: XLA has no kernel for it, and outside XLA it was
     # no faster in a training step (docs/PERFORMANCE.md).
-    x = tf.cast(x, tf.float32)
+    x = ops.cast(x, "float32")
     if axes is None:
-        return tf.reshape(tf.sqrt(2.0 * tf.nn.l2_loss(x)), [1] * max(len(x.shape), 1))
-    return tf.sqrt(tf.reduce_sum(tf.square(x), axis=axes, keepdims=True))
+        return ops.reshape(ops.sqrt(ops.sum(ops.square(x))), [1] * max(len(x.shape), 1))
+    return ops.sqrt(ops.sum(ops.square(x), axis=axes, keepdims=True))
 
 
 class AGC(ClipPolicy):
@@ -111,30 +111,31 @@ class AGC(ClipPolicy):
         for position, (grad, weight) in enumerate(zip(grads, weights)):
             if grad is None:
                 continue
-            values = tf.cast(grad.values if isinstance(grad, tf.IndexedSlices) else grad, tf.float32)
+            values = ops.cast(grad.values if is_sparse(grad) else grad, "float32")
             if id(weight) in self._excluded:
-                squares.append(2.0 * tf.nn.l2_loss(values))
+                squares.append(ops.sum(ops.square(values)))
                 continue
             axes = unit_axes(weight.shape)
             units.append((position, unitwise_norm(values, axes), unitwise_norm(weight, axes)))
         factors = [None] * len(grads)
-        exceeded = tf.constant(False)
+        exceeded = ops.convert_to_tensor(False)
         if units:
             # Every unit of every variable in one vector: a handful of ops in all rather than a
             # handful per variable (each op is scheduled, or on a GPU launched, whatever its size).
-            grad_norms = tf.concat([tf.reshape(g, [-1]) for _, g, _ in units], 0)
-            weight_norms = tf.concat([tf.reshape(w, [-1]) for _, _, w in units], 0)
-            limit = self.clip_factor * tf.maximum(weight_norms, self.eps)
+            grad_norms = ops.concatenate([ops.reshape(g, [-1]) for _, g, _ in units], 0)
+            weight_norms = ops.concatenate([ops.reshape(w, [-1]) for _, _, w in units], 0)
+            limit = self.clip_factor * ops.maximum(weight_norms, self.eps)
             clipped = grad_norms >= limit  # optax keeps a unit only where g_norm < max_norm
-            factor = tf.where(clipped, limit / tf.maximum(grad_norms, DIVISION_EPSILON), 1.0)
-            exceeded = tf.reduce_any(clipped)
-            squares.append(tf.reduce_sum(tf.square(grad_norms * factor)))
-            pieces = tf.split(factor, [g.shape.num_elements() for _, g, _ in units])
+            factor = ops.where(clipped, limit / ops.maximum(grad_norms, DIVISION_EPSILON), 1.0)
+            exceeded = ops.any(clipped)
+            squares.append(ops.sum(ops.square(grad_norms * factor)))
+            ends = np.cumsum([int(np.prod(g.shape)) for _, g, _ in units])[:-1].tolist()
+            pieces = ops.split(factor, ends) if ends else [factor]
             for (position, g, _), piece in zip(units, pieces):
-                factors[position] = tf.reshape(piece, g.shape)
-        norm_after = tf.sqrt(tf.add_n(squares)) if squares else tf.zeros([])
-        decision = Decision(exceeded=exceeded, threshold=tf.constant(np.nan, tf.float32),
-                            norm_after=tf.where(exceeded, norm_after, norm), factor=factors)
+                factors[position] = ops.reshape(piece, g.shape)
+        norm_after = ops.sqrt(sum(squares[1:], squares[0])) if squares else ops.zeros([])
+        decision = Decision(exceeded=exceeded, threshold=ops.convert_to_tensor(np.nan, "float32"),
+                            norm_after=ops.where(exceeded, norm_after, norm), factor=factors)
         return decision, dict(state)
 
     def get_config(self):

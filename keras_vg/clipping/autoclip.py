@@ -3,7 +3,8 @@
 This module is the callback's wiring: its arguments, the Keras hooks, and
 when the other parts run. The parts, one job each:
 
-- `in_step.py`: the hooks on the optimizer and the train step they run;
+- `in_step.py`: the hooks on the optimizer and the train step they run
+  (TensorFlow); `jax_step.py`: the same on Keras's JAX backend;
 - `switch.py`: the per-step decision, a pure function;
 - `saved_state.py`: the state saved with the model's weights;
 - `records.py`: the device buffers of records and events, read into a run;
@@ -26,7 +27,7 @@ from keras_vg.clipping.in_step import ClipStep, sgd_step_size
 from keras_vg.clipping.percentile import Percentile
 from keras_vg.clipping.policy import ClipPolicy, check_positive
 from keras_vg.clipping.records import ClipRecords, write_records
-from keras_vg.clipping.saved_state import STATE_ATTRIBUTE, ClipState, config_key
+from keras_vg.clipping.saved_state import STATE_ATTRIBUTE, ClipState, JaxClipState, config_key
 from keras_vg.clipping.switch import ClipSwitch
 from keras_vg.clipping.zscore import ZScore
 from keras_vg.run_log import RunLog
@@ -51,6 +52,15 @@ def _resolve(value, name):
         f"`{name}` must be one of {sorted(POLICIES)} or a keras_vg clipping policy "
         f"(GlobalNorm, Percentile, ZScore, AGC). Received: {name}={value!r}"
     )
+
+
+def _step_class():
+    """The in-step part for the Keras backend in use (JAX's imported only there)."""
+    if keras.backend.backend() == "jax":
+        from keras_vg.clipping.jax_step import JaxClipStep
+
+        return JaxClipStep
+    return ClipStep
 
 
 class AutoClip(keras.callbacks.Callback):
@@ -80,9 +90,12 @@ class AutoClip(keras.callbacks.Callback):
     bound, so thresholds stay finite and positive whatever came before.
 
     Everything is decided inside the compiled train step, from state kept in
-    `tf.Variable`s: a policy that switches on causes no retrace, and
+    variables: a policy that switches on causes no retrace, and
     `steps_per_execution > 1`, `jit_compile=True`, `tf.distribute` and
-    `mixed_float16` all work. Clipping acts on the gradient the optimizer
+    `mixed_float16` all work. On Keras's JAX backend the same decision runs
+    in the jitted step, with the state in variables Keras threads through it
+    (`keras.distribution.DataParallel` included); on torch AutoClip warns
+    once and does nothing. Clipping acts on the gradient the optimizer
     applies: summed over replicas (unlike Keras's `clipnorm`, which clips
     each replica's part, tensorflow#33929) and unscaled under mixed precision.
 
@@ -190,7 +203,7 @@ class AutoClip(keras.callbacks.Callback):
         self._run = None  # the model's RunLog: a GradientMonitor's run to write into
         self._warned_backend = False
         self._records = ClipRecords(self.policy, self.cooldown, self.log_dir, self.every)
-        self._step = ClipStep(self._switch, self.policy, self.trigger, self._records)
+        self._step = _step_class()(self._switch, self.policy, self.trigger, self._records)
         self._dead_end = DeadEndWatch(self.skip_patience)
 
     def get_config(self):
@@ -225,9 +238,15 @@ class AutoClip(keras.callbacks.Callback):
         if state is None or state.key != key:
             # Kept across AutoClip instances with the same configuration: a new
             # callback for a later fit continues the statistics.
-            with model.distribute_strategy.scope():
-                state = ClipState(key, self._switch.init(), name="keras_vg_autoclip")
-            _keras_compat.attach_saved_state(model, STATE_ATTRIBUTE, state)
+            if keras.backend.backend() == "jax":
+                state = JaxClipState(model, key, self._switch.init())
+                _keras_compat.attach_metric(model, STATE_ATTRIBUTE, state)
+                # Keras fixes the training state's layout when it makes the train function.
+                model.make_train_function(force=True)
+            else:
+                with model.distribute_strategy.scope():
+                    state = ClipState(key, self._switch.init(), name="keras_vg_autoclip")
+                _keras_compat.attach_saved_state(model, STATE_ATTRIBUTE, state)
         self._state = self._step.state = state
         if self._run is not None and self._run is not RunLog.of(model):
             self._run.leave(self)
@@ -260,13 +279,13 @@ class AutoClip(keras.callbacks.Callback):
         nothing. It imports no TensorFlow on that path.
         """
         backend = keras.backend.backend()
-        if backend == "tensorflow":
+        if backend in ("tensorflow", "jax"):
             return True
         if not self._warned_backend:
             self._warned_backend = True
             warnings.warn(
-                f"AutoClip clips inside the TensorFlow train step; Keras's {backend!r} backend is not supported "
-                "yet. Training goes on without AutoClip: nothing is clipped, skipped or recorded. To clip on "
+                f"AutoClip clips inside the TensorFlow and JAX train steps; Keras's {backend!r} backend is not "
+                "supported. Training goes on without AutoClip: nothing is clipped, skipped or recorded. To clip on "
                 f"this backend, give the optimizer a fixed threshold (e.g. global_clipnorm=1.0).",
                 stacklevel=3,
             )
@@ -420,7 +439,7 @@ class AutoClip(keras.callbacks.Callback):
             return
         reason, last_good = found
         # The last step trained: the one about to run, or the last one run.
-        step = int(self._step.optimizer.iterations.numpy()) - (not batch_to_come)
+        step = int(_keras_compat.read_variable(self.model, self._step.optimizer.iterations)) - (not batch_to_come)
         self.model.stop_training = True
         self._records.add_stop(reason, last_good, step)
         self.stopped = stop_event(reason, last_good, step, 0)

@@ -6,19 +6,53 @@ in a row. The host looks every 32 steps (or second) and at each epoch's end,
 and only when a step was skipped since it last looked.
 """
 
+import keras
 import numpy as np
+from keras import ops
 
-from keras_vg.clipping._tf import tf
-from keras_vg.clipping.in_step import norm_of
+from keras_vg import _keras_compat
+
+
+def weights_norm(values):
+    """The global L2 norm of some weights (or any tensors), in float32.
+
+    Args:
+        values: A non-empty list of tensors (or variables) of any float dtype.
+
+    Returns:
+        A float32 scalar tensor.
+
+    Example:
+
+    >>> float(weights_norm([np.array([3.0]), np.array([4.0])]))
+    5.0
+    """
+    return ops.sqrt(sum(ops.sum(ops.square(ops.cast(v, "float32"))) for v in values))
+
+
+def _all_finite(values):
+    return ops.stack([ops.all(ops.isfinite(v)) for v in values])
+
+
+def _compiled(function):
+    """`function` compiled for the backend: traced again only when its arguments' shapes or dtypes change."""
+    if keras.backend.backend() == "jax":
+        import jax
+
+        return jax.jit(function)
+    from keras_vg.clipping._tf import tf
+
+    return tf.function(function)
 
 
 class HostChecks:
     """The small device functions the host runs every 32 steps: the weights' norm, and their finiteness.
 
-    The variables are the functions' arguments, not captured when they are
-    traced: a model built by its first step has none at `on_train_begin`,
-    and unfreezing layers changes them between fits. The functions trace
-    again only when the variables' number, shapes or dtypes change.
+    The variables' values are the functions' arguments, not captured when
+    they are traced: a model built by its first step has none at
+    `on_train_begin`, and unfreezing layers changes them between fits. The
+    functions trace again only when the variables' number, shapes or dtypes
+    change. On JAX the values are those of Keras's training state.
 
     Args:
         model: The model whose weights are checked.
@@ -35,37 +69,35 @@ class HostChecks:
 
     def __init__(self, model, optimizer):
         self.model, self.optimizer = model, optimizer
-        self._norm = tf.function(norm_of)
-        self._finite = tf.function(lambda variables: tf.stack([tf.reduce_all(tf.math.is_finite(v))
-                                                               for v in variables]))
+        self._norm = _compiled(weights_norm)
+        self._finite = _compiled(_all_finite)
 
     def serves(self, model, optimizer):
         """Whether these functions are for this model and optimizer."""
         return self.model is model and self.optimizer is optimizer
 
+    def _values(self, variables):
+        return [_keras_compat.current_value(self.model, v) for v in variables]
+
     def weight_norm(self):
         """The global norm of the trainable weights (NaN while the model has none: not yet built)."""
-        from keras_vg.weight_updates import backend_value
-
-        variables = [backend_value(v) for v in self.model.trainable_variables]
-        return self._norm(variables) if variables else tf.constant(np.nan, tf.float32)
+        variables = self.model.trainable_variables
+        return float(self._norm(self._values(variables))) if variables else float("nan")
 
     def _checked(self):
         seen, checked = set(), []
         for variable in list(self.model.weights) + list(self.optimizer.variables):
-            if id(variable) not in seen and tf.as_dtype(variable.dtype).is_floating:
+            if id(variable) not in seen and keras.backend.is_float_dtype(variable.dtype):
                 seen.add(id(variable))
                 checked.append(variable)
         return checked
 
     def first_nonfinite(self):
         """The path of the first weight or optimizer slot holding NaN or inf, or None."""
-        from keras_vg.weight_updates import backend_value
-
         checked = self._checked()
         if not checked:
             return None
-        finite = self._finite([backend_value(v) for v in checked]).numpy()
+        finite = np.asarray(self._finite(self._values(checked)))
         broken = [v for v, ok in zip(checked, finite) if not ok]
         return broken[0].path if broken else None
 

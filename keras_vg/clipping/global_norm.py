@@ -1,6 +1,7 @@
 """`GlobalNorm`: clip the global gradient norm at a fixed threshold."""
 
-from keras_vg.clipping._tf import tf
+from keras import ops
+
 from keras_vg.clipping.policy import ClipPolicy, check_positive, norm_decision
 
 
@@ -19,7 +20,7 @@ class GlobalNorm(ClipPolicy):
     Example:
 
     >>> policy = GlobalNorm(threshold=1.0)
-    >>> decision, _ = policy.update({}, tf.constant(4.0))
+    >>> decision, _ = policy.update({}, ops.convert_to_tensor(4.0))
     >>> float(decision.factor)
     0.25
 
@@ -35,7 +36,7 @@ class GlobalNorm(ClipPolicy):
 
     def update(self, state, norm, grads=None, weights=None):
         del grads, weights
-        threshold = tf.constant(self.threshold, tf.float32)
+        threshold = ops.convert_to_tensor(self.threshold, "float32")
         return norm_decision(norm, threshold, threshold), dict(state)
 
     def get_config(self):

@@ -4,7 +4,8 @@ import collections
 
 import numpy as np
 
-from keras_vg.clipping._tf import tf
+from keras import ops
+
 from keras_vg.clipping.policy import MAX_NORM, check_positive, ring_append, ring_init, ring_percentile
 
 GuardCheck = collections.namedtuple("GuardCheck", ["spike", "limit", "cap"])
@@ -71,11 +72,11 @@ class SpikeGuard:
     Example:
 
     >>> guard = SpikeGuard(factor=10.0)
-    >>> state = {k: tf.constant(v) for k, v in guard.init().items()}
+    >>> state = {k: ops.convert_to_tensor(v) for k, v in guard.init().items()}
     >>> for norm in [2.0, 3.0, 4.0]:
-    ...     check = guard.check(state, tf.constant(norm))
-    ...     state = guard.update(state, tf.minimum(norm, check.limit))
-    >>> check = guard.check(state, tf.constant(500.0))
+    ...     check = guard.check(state, ops.convert_to_tensor(norm))
+    ...     state = guard.update(state, ops.minimum(norm, check.limit))
+    >>> check = guard.check(state, ops.convert_to_tensor(500.0))
     >>> bool(check.spike), float(check.limit)
     (True, 30.0)
 
@@ -119,18 +120,18 @@ class SpikeGuard:
         """
         median = ring_percentile(state, 50.0)  # NaN before any norm
         known = median > 0  # NaN (nothing seen yet) and zero are no scale to compare with
-        limit = tf.minimum(tf.where(known, self.factor * median, MAX_NORM), MAX_NORM)
+        limit = ops.minimum(ops.where(known, self.factor * median, MAX_NORM), MAX_NORM)
         spike = (known & (norm > limit)) | (norm > MAX_NORM)
-        cap = tf.constant(np.inf, tf.float32)
+        cap = ops.convert_to_tensor(np.inf, "float32")
         if step_size is not None and weight_norm is not None:
-            step_size = tf.cast(step_size, tf.float32)
+            step_size = ops.cast(step_size, "float32")
             # A weight norm not yet measured, or zero, gives no scale: the rule waits for one.
-            usable = (weight_norm > 0) & tf.math.is_finite(weight_norm) & (step_size > 0)
-            safe_step = tf.where(usable, step_size, 1.0)
+            usable = (weight_norm > 0) & ops.isfinite(weight_norm) & (step_size > 0)
+            safe_step = ops.where(usable, step_size, 1.0)
             if self.spike_update_ratio is not None:
                 spike |= usable & (step_size * norm >= self.spike_update_ratio * weight_norm)
             if self.clip_update_ratio is not None:
-                cap = tf.where(usable, self.clip_update_ratio * weight_norm / safe_step, np.inf)
+                cap = ops.where(usable, self.clip_update_ratio * weight_norm / safe_step, np.inf)
         return GuardCheck(spike=spike, limit=limit, cap=cap)
 
     def update(self, state, seen):

@@ -78,7 +78,7 @@ def sgd_step_size(optimizer):
     """
     if type(optimizer) is not keras.optimizers.SGD:
         return None
-    return tf.convert_to_tensor(optimizer.learning_rate)
+    return keras.ops.convert_to_tensor(optimizer.learning_rate)
 
 
 class ClipStep:

@@ -26,11 +26,11 @@ class Percentile(ClipPolicy):
 
     Example:
 
-    >>> import tensorflow as tf
+    >>> from keras import ops
     >>> policy = Percentile(p=50, history=4)
-    >>> state = {k: tf.constant(v) for k, v in policy.init().items()}
+    >>> state = {k: ops.convert_to_tensor(v) for k, v in policy.init().items()}
     >>> for norm in [1.0, 2.0, 3.0]:
-    ...     decision, state = policy.update(state, tf.constant(norm))
+    ...     decision, state = policy.update(state, ops.convert_to_tensor(norm))
     >>> float(decision.threshold)
     2.0
 

@@ -4,15 +4,17 @@ A policy is a small object in the style of optax's gradient transformations.
 `init()` returns its state as a dict of numpy values; `update(state, norm, ...)`
 returns a `Decision` for this step and the next state; `clip(decision, grads)`
 returns the clipped gradients. Nothing in a policy is a variable: `AutoClip`
-keeps the state in `tf.Variable`s and calls `update` inside the compiled train
-step, and a test calls it eagerly on a sequence of norms.
+keeps the state in variables and calls `update` inside the compiled train
+step, and a test calls it eagerly on a sequence of norms. Policies are written
+in `keras.ops`, so that one decision serves Keras's TensorFlow and JAX
+backends alike.
 """
 
 import collections
 
 import numpy as np
 
-from keras_vg.clipping._tf import tf
+from keras import ops
 
 MAX_NORM = 1e18
 """The largest global norm any statistic takes in, and the largest threshold.
@@ -106,9 +108,16 @@ def scale_gradients(grads, factor):
 def _scale(grad, factor):
     if grad is None or factor is None:
         return grad
-    if isinstance(grad, tf.IndexedSlices):
-        return tf.IndexedSlices(grad.values * tf.cast(factor, grad.values.dtype), grad.indices, grad.dense_shape)
-    return grad * tf.cast(factor, grad.dtype)
+    if is_sparse(grad):
+        from keras_vg.clipping._tf import tf
+
+        return tf.IndexedSlices(grad.values * ops.cast(factor, grad.values.dtype), grad.indices, grad.dense_shape)
+    return grad * ops.cast(factor, grad.dtype)
+
+
+def is_sparse(grad):
+    """Whether `grad` is a TensorFlow `IndexedSlices` (an Embedding's gradient there): only its values count."""
+    return hasattr(grad, "indices") and hasattr(grad, "dense_shape") and hasattr(grad, "values")
 
 
 def norm_decision(norm, threshold, target):
@@ -123,12 +132,12 @@ def norm_decision(norm, threshold, target):
         A `Decision` with one scalar factor.
     """
     exceeded = norm > threshold
-    safe_norm = tf.where(norm > 0, norm, 1.0)
+    safe_norm = ops.where(norm > 0, norm, 1.0)
     return Decision(
         exceeded=exceeded,
         threshold=threshold,
-        norm_after=tf.where(exceeded, target, norm),
-        factor=tf.where(exceeded, target / safe_norm, 1.0),
+        norm_after=ops.where(exceeded, target, norm),
+        factor=ops.where(exceeded, target / safe_norm, 1.0),
     )
 
 
@@ -144,24 +153,24 @@ def ring_init(capacity):
 def ring_append(state, value):
     """The ring buffer's state with `value` written over its oldest entry."""
     capacity = state["norms"].shape[0]
-    slots = tf.range(capacity, dtype=tf.float32)
+    slots = ops.arange(capacity, dtype="float32")
     return {
-        "norms": tf.where(tf.equal(slots, state["position"]), value, state["norms"]),
-        "size": tf.minimum(state["size"] + 1.0, float(capacity)),
-        "position": tf.math.floormod(state["position"] + 1.0, float(capacity)),
+        "norms": ops.where(ops.equal(slots, state["position"]), value, state["norms"]),
+        "size": ops.minimum(state["size"] + 1.0, float(capacity)),
+        "position": ops.mod(state["position"] + 1.0, float(capacity)),
     }
 
 
 def ring_percentile(state, p):
     """`np.percentile(norms, p)` (linear method) over the ring buffer's valid entries; NaN while it is empty."""
     values, size = state["norms"], state["size"]
-    valid = tf.range(tf.shape(values)[0], dtype=tf.float32) < size
-    ordered = tf.sort(tf.where(valid, values, np.inf))
-    rank = (p / 100.0) * tf.maximum(size - 1.0, 0.0)
-    below = tf.floor(rank)
-    lower = tf.gather(ordered, tf.cast(below, tf.int32))
-    upper = tf.gather(ordered, tf.cast(tf.minimum(below + 1.0, tf.maximum(size - 1.0, 0.0)), tf.int32))
-    return tf.where(size > 0, lower + (upper - lower) * (rank - below), np.nan)
+    valid = ops.arange(values.shape[0], dtype="float32") < size
+    ordered = ops.sort(ops.where(valid, values, np.inf))
+    rank = (p / 100.0) * ops.maximum(size - 1.0, 0.0)
+    below = ops.floor(rank)
+    lower = ops.take(ordered, ops.cast(below, "int32"))
+    upper = ops.take(ordered, ops.cast(ops.minimum(below + 1.0, ops.maximum(size - 1.0, 0.0)), "int32"))
+    return ops.where(size > 0, lower + (upper - lower) * (rank - below), np.nan)
 
 
 def check_positive(name, value, integer=False, allow_zero=False):

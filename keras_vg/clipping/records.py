@@ -11,10 +11,13 @@ import math
 import sys
 import warnings
 
+import keras
 import numpy as np
+from keras import ops
 
 from keras_vg import format as fmt
-from keras_vg.clipping._tf import tf
+
+from keras_vg import _keras_compat
 from keras_vg.clipping.dead_end import stop_event
 
 RECORD_COLUMNS = ("global_grad_norm",) + fmt.CLIP_STATS
@@ -58,6 +61,7 @@ class ClipRecords:
     def __init__(self, policy, cooldown, log_dir, every):
         self.policy, self.cooldown, self.log_dir, self.every = policy, cooldown, log_dir, every
         self.buffers = None
+        self.model = None
         self.capacity = None
         self.writer = None  # for `log_dir`
         self.own_offset = None  # for `log_dir`: added to `iterations` (see `start_own_axis`)
@@ -77,42 +81,66 @@ class ClipRecords:
     def allocate(self, model):
         """Makes new buffers for `model` (in its distribution strategy), read from their start.
 
+        On TensorFlow they are `keras_vg.device_buffers` variables; on JAX, the
+        variables of a metric attached to the model, which Keras threads
+        through its stateless step (there every float is float32 unless JAX
+        runs in 64 bits: steps are exact up to 2**24).
+
         Args:
             model: The compiled model; its `steps_per_execution` sizes the
                 record buffer.
         """
-        from keras_vg.device_buffers import SPARE_ROWS, sync_on_read
+        from keras_vg.device_buffers import SPARE_ROWS
 
         steps_per_execution = int(getattr(model, "steps_per_execution", 1) or 1)
         capacity = RECORD_CAPACITY + math.ceil(steps_per_execution / self.every) + 1
-        with model.distribute_strategy.scope():
-            # One spare row past each buffer's capacity: see `record_values`.
-            self.buffers = {
-                # float64: a step number is exact in it. Column 0 is the step (-1: empty).
-                "records": sync_on_read(np.concatenate([np.full([capacity + SPARE_ROWS, 1], -1.0),
-                                                        np.zeros([capacity + SPARE_ROWS, len(RECORD_COLUMNS)])], 1),
-                                         "keras_vg_autoclip_records"),
-                "events": sync_on_read(tf.zeros([EVENT_CAPACITY + SPARE_ROWS, 4], tf.float64),
-                                       "keras_vg_autoclip_events"),
-                # Clipped and skipped steps since the last record, and events in all.
-                "counts": sync_on_read(tf.zeros([3], tf.float64), "keras_vg_autoclip_counts"),
-                # Measured on the host (`AutoClip._refresh_weight_norm`), read by the guard's SGD rules.
-                "weight_norm": sync_on_read(tf.constant(np.nan, tf.float32), "keras_vg_autoclip_weight_norm"),
-            }
+        # One spare row past each buffer's capacity: see `record_values`.
+        initial = {
+            # Column 0 is the step (-1: empty); float64 where the backend has it, so that a step is exact.
+            "records": np.full([capacity + SPARE_ROWS, 1 + len(RECORD_COLUMNS)], -1.0),
+            "events": np.zeros([EVENT_CAPACITY + SPARE_ROWS, 4]),
+            # Clipped and skipped steps since the last record, and events in all.
+            "counts": np.zeros([3]),
+            # Measured on the host (`AutoClip._refresh_weight_norm`), read by the guard's SGD rules.
+            "weight_norm": np.float32(np.nan),
+        }
+        if keras.backend.backend() == "tensorflow":
+            from keras_vg.device_buffers import sync_on_read
+
+            with model.distribute_strategy.scope():
+                self.buffers = {name: sync_on_read(value, f"keras_vg_autoclip_{name}")
+                                for name, value in initial.items()}
+        else:
+            from keras_vg.jax_tap import BuffersMetric
+
+            specs = {name: (value.shape, "float32" if name == "weight_norm" else "float64", value)
+                     for name, value in initial.items()}
+            self.buffers = _keras_compat.attach_metric(
+                model, "_keras_vg_autoclip_buffers", BuffersMetric("keras_vg_autoclip_buffers", specs)).buffers
+        self.model = model
         self.capacity = capacity
         # New buffers, whose steps may start again from 0 (a recompile): read them from their start.
         self._last_read_step, self._event_cursor, self._print_cursor = -1, 0, 0
+
+    def _read(self, name):
+        """A buffer's value, as numpy (on JAX mid-epoch, from Keras's training state)."""
+        return _keras_compat.read_variable(self.model, self.buffers[name])
 
     def write_step(self, step, norm, norm_after, decision, clipped):
         """Writes this step's row (on record steps) and its events into the device buffers (in the step)."""
         b = self.buffers
         names = ("records", "events", "counts")
-        values = record_values(
-            {name: b[name].read_value() for name in names}, step, tf.stack([norm, norm_after, decision.threshold]),
-            tf.stack([clipped, decision.skipped, decision.switched_on, decision.switched_off]), self.every,
-            self.capacity)
+        values = self.step_values({name: b[name].read_value() for name in names}, step, norm, norm_after, decision,
+                                  clipped)
         for name in names:
             b[name].assign(values[name])
+
+    def step_values(self, buffers, step, norm, norm_after, decision, clipped):
+        """The record buffers' values after this step (`record_values`), from their values before it."""
+        return record_values(
+            buffers, step, ops.stack([norm, norm_after, decision.threshold]),
+            ops.stack([clipped, decision.skipped, decision.switched_on, decision.switched_off]), self.every,
+            self.capacity)
 
     # On the host -----------------------------------------------------------------------
 
@@ -120,7 +148,7 @@ class ClipRecords:
         """Reads the per-step records not read before (see `AutoClip.read_new`)."""
         if self.buffers is None:
             return []
-        rows = self.buffers["records"].numpy()[: self.capacity]  # not the spare row
+        rows = self._read("records")[: self.capacity]  # not the spare row
         records = []
         for index in np.argsort(rows[:, 0]):
             step = int(rows[index, 0])
@@ -141,10 +169,10 @@ class ClipRecords:
         """
         if self.buffers is None:
             return [], cursor
-        count = int(self.buffers["counts"].numpy()[2])
+        count = int(self._read("counts")[2])
         if count <= cursor:
             return [], count
-        data = self.buffers["events"].numpy()  # step, kind, norm, threshold
+        data = self._read("events")  # step, kind, norm, threshold
         events = []
         first = max(cursor, count - EVENT_CAPACITY)
         if first > cursor:
@@ -206,7 +234,7 @@ class ClipRecords:
             if self.writer is not None:
                 self.writer.flush()
             last_step, _ = latest_records(self.log_dir)
-            iterations = int(optimizer.iterations.numpy())
+            iterations = int(_keras_compat.read_variable(self.model, optimizer.iterations))
             self.own_offset = 0 if last_step is None else max(0, last_step + 1 - iterations)
         except Exception as error:  # noqa: BLE001 - recording must not kill training; clipping goes on
             self.own_offset = 0
@@ -287,26 +315,28 @@ def record_values(buffers, step, norms, flags, every, capacity):
     """
     from keras_vg.device_buffers import ring_slot, scatter_rows
 
-    clipped, skipped, switched_on, switched_off = tf.unstack(flags)
-    norms = tf.cast(norms, tf.float64)
-    at = tf.cast(step, tf.float64)
-    is_record = tf.equal(step % every, 0)
+    clipped, skipped, switched_on, switched_off = ops.unstack(flags)
+    dtype = buffers["records"].dtype  # float64 on TensorFlow; float32 on JAX unless it runs in 64 bits
+    norms = ops.cast(norms, dtype)
+    at = ops.cast(step, dtype)
+    is_record = ops.equal(step % every, 0)
     # Clipped and skipped steps since the previous record, this one included; then the event count.
-    counts = buffers["counts"] + tf.cast(tf.stack([clipped, skipped, False]), tf.float64)
-    row = tf.concat([[at], norms, counts[:2]], 0)
+    counts = buffers["counts"] + ops.cast(ops.stack([clipped, skipped, False]), dtype)
+    row = ops.concatenate([ops.reshape(at, [1]), norms, counts[:2]], 0)
     slot = ring_slot(step // every, capacity, is_record)
     # At most two events a step: a switch (on or off) and a skip.
     switched = switched_on | switched_off
-    count = tf.cast(counts[2], tf.int64)
+    count = ops.cast(counts[2], "int32")
     first = ring_slot(count, EVENT_CAPACITY, switched)
-    second = ring_slot(count + tf.cast(switched, tf.int64), EVENT_CAPACITY, skipped)
-    kinds = tf.constant([1.0, 3.0], tf.float64) + tf.cast(tf.stack([~switched_on, False]), tf.float64)
-    events = tf.concat([tf.fill([2, 1], at), kinds[:, tf.newaxis], tf.tile(norms[tf.newaxis, 0::2], [2, 1])], 1)
-    new_count = counts[2] + tf.cast(switched, tf.float64) + tf.cast(skipped, tf.float64)
+    second = ring_slot(count + ops.cast(switched, "int32"), EVENT_CAPACITY, skipped)
+    kinds = ops.convert_to_tensor([1.0, 3.0], dtype) + ops.cast(ops.stack([~switched_on, False]), dtype)
+    events = ops.concatenate([ops.full([2, 1], at), kinds[:, None], ops.tile(norms[None, 0::2], [2, 1])], 1)
+    new_count = counts[2] + ops.cast(switched, dtype) + ops.cast(skipped, dtype)
     return {
-        "records": scatter_rows(buffers["records"], slot, row[tf.newaxis]),
-        "events": scatter_rows(buffers["events"], tf.stack([first, second]), events),
-        "counts": tf.concat([tf.where(is_record, tf.zeros([2], tf.float64), counts[:2]), [new_count]], 0),
+        "records": scatter_rows(buffers["records"], slot, row[None]),
+        "events": scatter_rows(buffers["events"], ops.stack([first, second]), events),
+        "counts": ops.concatenate([ops.where(is_record, ops.zeros([2], dtype), counts[:2]),
+                                   ops.reshape(new_count, [1])], 0),
     }
 
 

@@ -1,16 +1,21 @@
-"""AutoClip's saved state: the one layer whose two variables hold its statistics, on/off and counts.
+"""AutoClip's saved state: two variables (every float, every integer) holding its statistics, on/off and counts.
 
-The layer is attached to the model (`STATE_ATTRIBUTE`), outside its layer
-tracker, so that every Keras way of saving weights carries it
-(docs/CLIPPING.md, "Checkpoints").
+On TensorFlow the state is a layer attached to the model (`STATE_ATTRIBUTE`),
+outside its layer tracker; on JAX it is a metric attached there, so that
+Keras threads its variables through the stateless train step. Either way
+every Keras way of saving weights carries it (docs/CLIPPING.md,
+"Checkpoints"), one entry per name.
 """
 
 import warnings
+import weakref
 
 import keras
 import numpy as np
 
-from keras_vg.clipping._tf import tf
+from keras import ops
+
+from keras_vg import _keras_compat
 
 STATE_ATTRIBUTE = "_keras_vg_autoclip_state"
 """The model attribute holding the checkpointed state (also its path in weight files)."""
@@ -34,45 +39,25 @@ def config_key(policy):
     return (type(policy).__name__, tuple(sorted(policy.get_config().items()))) if policy is not None else None
 
 
-class ClipState(keras.layers.Layer):
-    """The state saved with the model's weights: statistics, on/off, counts.
+class _PackedState:
+    """What both backends' states share: the packing of named values into two vectors, and saving.
 
     Held in two variables (every float, every integer), not one per entry:
     a train step reads and writes each variable once, and on a small model
     each variable op is a visible part of the step (docs/PERFORMANCE.md).
     Weight files keep one entry per name.
-
-    Args:
-        key: The configuration the state belongs to (`AutoClip` makes a new
-            state where its key differs).
-        initial: A dict from name to the initial numpy value (float32 or
-            int64), as `ClipSwitch.init()` returns it.
-        **kwargs: Passed to `keras.layers.Layer`.
-
-    Example:
-
-    ```python
-    state = ClipState(key, switch.init(), name="keras_vg_autoclip")
-    state.numpy()["active"]   # 0: armed
-    ```
     """
 
-    def __init__(self, key, initial, **kwargs):
-        super().__init__(trainable=False, **kwargs)
+    def _lay_out(self, key, initial, integer):
         self.key = key
         self.names = list(initial)
         self._shapes = {name: np.shape(value) for name, value in initial.items()}
+        self._kinds = {"float32": np.float32, integer: np.dtype(integer).type}
         # Scalars first, each kind in name order: one unstack reads them all.
-        from keras_vg.device_buffers import sync_on_read  # TensorFlow: only where AutoClip acts
-
         self._order = {
-            kind: sorted((n for n in self.names if np.asarray(initial[n]).dtype == kind),
+            kind: sorted((n for n in self.names if np.asarray(initial[n]).dtype.kind == np.dtype(kind).kind),
                          key=lambda n: (self._shapes[n] != (), n))
-            for kind in (np.float32, np.int64)
-        }
-        self.packed = {
-            kind: sync_on_read(self._pack_numpy(initial, kind), f"keras_vg_autoclip_{np.dtype(kind).name}")
-            for kind in self._order
+            for kind in self._kinds
         }
 
     def _pack_numpy(self, values, kind):
@@ -83,33 +68,35 @@ class ClipState(keras.layers.Layer):
         """The state as a dict of numpy values."""
         values = {}
         for kind, names in self._order.items():
-            flat, offset = self.packed[kind].numpy(), 0
+            flat, offset = self._read_numpy(self.packed[kind]), 0
             for name in names:
                 size = int(np.prod(self._shapes[name]))
                 values[name] = flat[offset: offset + size].reshape(self._shapes[name]).copy()
                 offset += size
         return values
 
-    def read(self):
-        """The state as a dict of tensors, read in the train step."""
+    def unpack(self, flat):
+        """The state as a dict of tensors, from the packed vectors (`{kind: tensor}`), in the train step."""
         values = {}
         for kind, names in self._order.items():
-            flat = self.packed[kind].read_value()
             scalars = [n for n in names if self._shapes[n] == ()]
             if scalars:
-                values.update(zip(scalars, tf.unstack(flat[: len(scalars)])))
+                values.update(zip(scalars, ops.unstack(flat[kind][: len(scalars)])))
             vectors = [n for n in names if self._shapes[n] != ()]
             if vectors:
-                sizes = [int(np.prod(self._shapes[n])) for n in vectors]
-                values.update(zip(vectors, tf.split(flat[len(scalars):], sizes)))
+                ends = np.cumsum([int(np.prod(self._shapes[n])) for n in vectors])[:-1].tolist()
+                pieces = ops.split(flat[kind][len(scalars):], ends) if ends else [flat[kind][len(scalars):]]
+                values.update(zip(vectors, pieces))
         return values
 
-    def write(self, values):
-        """Writes a dict of tensors (as `read` returns them) in the train step."""
+    def pack(self, values):
+        """The packed vectors (`{kind: tensor}`) of a dict of tensors, as `unpack` returns it."""
+        packed = {}
         for kind, names in self._order.items():
-            scalars = [tf.cast(values[n], kind) for n in names if self._shapes[n] == ()]
-            vectors = [tf.cast(values[n], kind) for n in names if self._shapes[n] != ()]
-            self.packed[kind].assign(tf.concat(([tf.stack(scalars)] if scalars else []) + vectors, 0))
+            scalars = [ops.cast(values[n], kind) for n in names if self._shapes[n] == ()]
+            vectors = [ops.cast(values[n], kind) for n in names if self._shapes[n] != ()]
+            packed[kind] = ops.concatenate(([ops.stack(scalars)] if scalars else []) + vectors, 0)
+        return packed
 
     def save_own_variables(self, store):
         for name, value in self.numpy().items():
@@ -130,3 +117,90 @@ class ClipState(keras.layers.Layer):
         values = {name: np.asarray(store[name]) for name in self.names}
         for kind, variable in self.packed.items():
             variable.assign(self._pack_numpy(values, kind))
+
+
+class ClipState(_PackedState, keras.layers.Layer):
+    """The state saved with the model's weights, on TensorFlow: statistics, on/off, counts.
+
+    Args:
+        key: The configuration the state belongs to (`AutoClip` makes a new
+            state where its key differs).
+        initial: A dict from name to the initial numpy value (float32 or
+            int64), as `ClipSwitch.init()` returns it.
+        **kwargs: Passed to `keras.layers.Layer`.
+
+    Example:
+
+    ```python
+    state = ClipState(key, switch.init(), name="keras_vg_autoclip")
+    state.numpy()["active"]   # 0: armed
+    ```
+    """
+
+    def __init__(self, key, initial, **kwargs):
+        super().__init__(trainable=False, **kwargs)
+        self._lay_out(key, initial, "int64")
+        from keras_vg.device_buffers import sync_on_read  # TensorFlow: only where AutoClip acts
+
+        self.packed = {kind: sync_on_read(self._pack_numpy(initial, kind), f"keras_vg_autoclip_{kind}")
+                       for kind in self._order}
+
+    @staticmethod
+    def _read_numpy(variable):
+        return variable.numpy()
+
+    def read(self):
+        """The state as a dict of tensors, read in the train step."""
+        return self.unpack({kind: variable.read_value() for kind, variable in self.packed.items()})
+
+    def write(self, values):
+        """Writes a dict of tensors (as `read` returns them) in the train step."""
+        for kind, value in self.pack(values).items():
+            self.packed[kind].assign(value)
+
+
+class JaxClipState(_PackedState, keras.metrics.Metric):
+    """The state saved with the model's weights, on JAX: the variables of a metric, which Keras threads.
+
+    The train step reads the packed vectors from the metrics' state it is
+    given (`unpack`) and returns new ones (`pack`). It never resets (Keras
+    resets metrics at each epoch) and reports nothing in the logs.
+
+    Args:
+        model: The model it is attached to (mid-epoch, its values live in
+            Keras's training state, read through `_keras_compat`).
+        key: As `ClipState`'s.
+        initial: As `ClipState`'s; integers are kept in int32 unless JAX
+            runs in 64 bits (as Keras's own `iterations`).
+
+    Example:
+
+    ```python
+    state = JaxClipState(model, key, switch.init())
+    state.numpy()["active"]   # 0: armed
+    ```
+    """
+
+    def __init__(self, model, key, initial):
+        super().__init__(name="keras_vg_autoclip")
+        import jax
+
+        # Not an attribute holding the model: saving walks a metric's attributes, and would loop.
+        model_ref = weakref.ref(model)
+        self._read_numpy = lambda variable: _keras_compat.read_variable(model_ref(), variable)
+        self._lay_out(key, initial, "int64" if jax.config.jax_enable_x64 else "int32")
+        self.packed = {}
+        for kind in self._order:
+            flat = self._pack_numpy(initial, kind)
+            self.packed[kind] = self.add_variable(shape=flat.shape, dtype=kind, name=f"keras_vg_autoclip_{kind}",
+                                                  initializer="zeros")
+            self.packed[kind].assign(flat)
+
+    def update_state(self, *args, **kwargs):
+        del args, kwargs
+
+    def reset_state(self):
+        pass
+
+    def result(self):
+        return {}

@@ -1,10 +1,13 @@
-"""`ClipSwitch`: the whole per-step decision of `AutoClip`, as one pure function of explicit state."""
+"""`ClipSwitch`: the whole per-step decision of `AutoClip`, as one pure function of explicit state.
+
+Written in `keras.ops`: the same decision runs in the TensorFlow and the JAX train step.
+"""
 
 import collections
 
 import numpy as np
 
-from keras_vg.clipping._tf import tf
+from keras import ops
 
 StepDecision = collections.namedtuple("StepDecision", [
     "clip", "factor", "unitwise", "threshold", "norm_after", "spike", "switched_on", "switched_off", "skipped"])
@@ -101,7 +104,7 @@ class ClipSwitch:
         check = self.guard.check(part("guard."), norm, step_size, weight_norm)
         # What every statistic takes in: clipped at the guard's limit, and a harmless 1 where the
         # step says nothing (its new statistics are discarded below).
-        seen = tf.where(informative, tf.minimum(norm, check.limit), 1.0)
+        seen = ops.where(informative, ops.minimum(norm, check.limit), 1.0)
         statistics = {"guard." + k: v for k, v in self.guard.update(part("guard."), seen).items()}
         spike = check.spike
         if self.trigger is not None:
@@ -115,41 +118,42 @@ class ClipSwitch:
         spike &= informative
 
         was_active = state["active"] > 0
-        active = was_active | spike | tf.logical_not(finite) if self.armed else tf.constant(True)
-        limit = tf.minimum(check.limit, tf.where(active, check.cap, np.inf))
+        active = was_active | spike | ~finite if self.armed else ops.convert_to_tensor(True)
+        limit = ops.minimum(check.limit, ops.where(active, check.cap, np.inf))
         if decided is None:
             target, threshold = limit, limit
         else:
-            target = tf.minimum(tf.where(decided.exceeded, decided.norm_after, seen), limit)
-            threshold = tf.minimum(limit, tf.where(tf.math.is_nan(decided.threshold), np.inf, decided.threshold))
+            target = ops.minimum(ops.where(decided.exceeded, decided.norm_after, seen), limit)
+            threshold = ops.minimum(limit, ops.where(ops.isnan(decided.threshold), np.inf, decided.threshold))
         applies = active & finite
-        norm_after = tf.where(applies, tf.minimum(target, norm), norm)
+        norm_after = ops.where(applies, ops.minimum(target, norm), norm)
         clip = applies & ((norm_after < norm) | self.policy.lazy)
-        factor = tf.where(applies & (norm_after < norm), norm_after / tf.where(norm > 0, norm, 1.0), 1.0)
+        factor = ops.where(applies & (norm_after < norm), norm_after / ops.where(norm > 0, norm, 1.0), 1.0)
 
-        calm = tf.where(applies & tf.logical_not(spike), state["calm"] + 1.0, 0.0)
-        switch_off = active & (calm >= self.cooldown) if self.cooldown is not None else tf.constant(False)
-        skipped = tf.logical_not(finite) & self.policy.skip_nonfinite
-        new_state = {name: tf.where(informative, value, state[name]) for name, value in statistics.items()}
-        new_state.update(self._count(state, step, clip & tf.logical_not(tf.constant(self.policy.lazy)), skipped))
-        new_state["active"] = tf.cast(active & tf.logical_not(switch_off), tf.float32)
-        new_state["calm"] = tf.where(switch_off, 0.0, calm)
+        calm = ops.where(applies & ~spike, state["calm"] + 1.0, 0.0)
+        switch_off = active & (calm >= self.cooldown) if self.cooldown is not None else ops.convert_to_tensor(False)
+        skipped = ~finite & self.policy.skip_nonfinite
+        new_state = {name: ops.where(informative, value, state[name]) for name, value in statistics.items()}
+        new_state.update(self._count(state, step, clip & (not self.policy.lazy), skipped))
+        new_state["active"] = ops.cast(active & ~switch_off, "float32")
+        new_state["calm"] = ops.where(switch_off, 0.0, calm)
         decision = StepDecision(
             clip=clip, factor=factor, unitwise=self.policy.lazy, threshold=threshold, norm_after=norm_after,
-            spike=spike, switched_on=active & tf.logical_not(was_active), switched_off=switch_off, skipped=skipped)
+            spike=spike, switched_on=active & ~was_active, switched_off=switch_off, skipped=skipped)
         return decision, new_state
 
     @staticmethod
     def _count(state, step, clipped, skipped):
-        one = tf.constant(1, tf.int64)
+        # The counters' own integer type: int64 on TensorFlow, int32 on JAX unless it runs in 64 bits.
+        integer = state["clipped"].dtype
         return {
-            "clipped": state["clipped"] + tf.cast(clipped, tf.int64),
-            "skipped": state["skipped"] + tf.cast(skipped, tf.int64),
-            "skip_run": tf.where(skipped, state["skip_run"] + one, 0 * one),
-            "last_good": tf.where(skipped, state["last_good"], tf.cast(step, tf.int64)),
+            "clipped": state["clipped"] + ops.cast(clipped, integer),
+            "skipped": state["skipped"] + ops.cast(skipped, integer),
+            "skip_run": ops.where(skipped, state["skip_run"] + 1, ops.zeros((), integer)),
+            "last_good": ops.where(skipped, state["last_good"], ops.cast(step, integer)),
         }
 
     @staticmethod
     def count_clipped(state, new_state, clipped):
         """`new_state` with this step's clip counted as `clipped` (for a unit-wise policy, known after clipping)."""
-        return dict(new_state, clipped=state["clipped"] + tf.cast(clipped, tf.int64))
+        return dict(new_state, clipped=state["clipped"] + ops.cast(clipped, state["clipped"].dtype))

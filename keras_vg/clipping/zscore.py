@@ -2,7 +2,8 @@
 
 import numpy as np
 
-from keras_vg.clipping._tf import tf
+from keras import ops
+
 from keras_vg.clipping.policy import ClipPolicy, Decision, check_positive
 
 
@@ -33,11 +34,10 @@ class ZScore(ClipPolicy):
 
     Example:
 
-    >>> import tensorflow as tf
     >>> policy = ZScore(warmup=3)
-    >>> state = {k: tf.constant(v) for k, v in policy.init().items()}
+    >>> state = {k: ops.convert_to_tensor(v) for k, v in policy.init().items()}
     >>> for norm in [1.0, 1.1, 0.9, 50.0]:
-    ...     decision, state = policy.update(state, tf.constant(norm))
+    ...     decision, state = policy.update(state, ops.convert_to_tensor(norm))
     >>> bool(decision.exceeded), round(float(decision.norm_after), 3)
     (True, 1.001)
 
@@ -73,31 +73,31 @@ class ZScore(ClipPolicy):
         count, mean, var = state["count"], state["mean"], state["var"]
         ready = count >= self.warmup  # the moving averages exist
 
-        std = tf.sqrt(var)
+        std = ops.sqrt(var)
         z_t = (norm - mean) / (std + self.EPSILON)
         exceeded = ready & (z_t > self.z)
-        target = mean + self.z * self.z * std / tf.where(exceeded, z_t, 1.0)
-        threshold = tf.where(ready, mean + self.z * (std + self.EPSILON), np.nan)
-        norm_after = tf.where(exceeded, target, norm)
+        target = mean + self.z * self.z * std / ops.where(exceeded, z_t, 1.0)
+        threshold = ops.where(ready, mean + self.z * (std + self.EPSILON), np.nan)
+        norm_after = ops.where(exceeded, target, norm)
 
         # Warm-up: the mean and variance of the first `warmup` norms, kept as they come (Welford), so
         # that no buffer of them is needed; after it, ZClip's moving averages of the clipped norm.
         seen = count + 1.0
         warm_mean = mean + (norm - mean) / seen
         warm_m2 = var + (norm - mean) * (norm - warm_mean)
-        warm_var = tf.where(tf.equal(seen, self.warmup), warm_m2 / seen, warm_m2)
+        warm_var = ops.where(ops.equal(seen, self.warmup), warm_m2 / seen, warm_m2)
         new_mean = self.alpha * mean + (1.0 - self.alpha) * norm_after
-        new_var = self.alpha * var + (1.0 - self.alpha) * tf.square(norm_after - new_mean)
+        new_var = self.alpha * var + (1.0 - self.alpha) * ops.square(norm_after - new_mean)
         new_state = {
-            "count": tf.minimum(seen, float(self.warmup)),
-            "mean": tf.where(ready, new_mean, warm_mean),
-            "var": tf.where(ready, new_var, warm_var),
+            "count": ops.minimum(seen, float(self.warmup)),
+            "mean": ops.where(ready, new_mean, warm_mean),
+            "var": ops.where(ready, new_var, warm_var),
         }
         decision = Decision(
             exceeded=exceeded,
             threshold=threshold,
             norm_after=norm_after,
-            factor=tf.where(exceeded, target / tf.where(norm > 0, norm, 1.0), 1.0),
+            factor=ops.where(exceeded, target / ops.where(norm > 0, norm, 1.0), 1.0),
         )
         return decision, new_state
 
