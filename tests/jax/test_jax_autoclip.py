@@ -230,3 +230,19 @@ def test_rescue_benchmark_smallest_cases():
     assert on == 0 and np.isfinite(loss) and loss <= 1.5 * best_static, final
     (plain, _, _), (clipped, on, clip) = (bench.train("tanh_mlp_sgd", arm, epochs=1) for arm in ("none", "AutoClip()"))
     assert on is None and clipped == plain and clip.state()["clipped"] == 0
+
+
+def test_a_recompile_and_a_new_monitor_keep_clipping_on_the_run_step_axis(tmp_path):
+    x, y = regression(batches=4)
+    model = build()
+    clip = keras_vg.AutoClip(verbose=0)
+    fit(model, x, y, [keras_vg.GradientMonitor(tmp_path / "run", every=1, verbose=0), clip])
+    # A new optimizer counts from 0 again; a new monitor's tap wraps on top of AutoClip's hooks.
+    model.compile(optimizer=keras.optimizers.SGD(LR), loss="mse")
+    y[2 * BATCH] = 1e3
+    fit(model, x, y, [keras_vg.GradientMonitor(tmp_path / "run", every=1, verbose=0), clip])
+    run = keras_vg.read_run(tmp_path / "run")
+    steps, _, clipped = run.stat("clipped")
+    np.testing.assert_array_equal(steps, np.arange(8))
+    np.testing.assert_array_equal(clipped.ravel() > 0, steps >= 6)
+    assert [(e["kind"], e["step"]) for e in run.events() if e["kind"] == "clip_on"] == [("clip_on", 6)]
