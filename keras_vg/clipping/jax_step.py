@@ -15,8 +15,10 @@ wrappers act in the step:
 
 Everything is in the jitted step: no host callback, no host sync, and no
 retrace when clipping switches. While nothing is clipped the gradient is
-multiplied by one, which XLA fuses into the optimizer's update (a
-conditional would cost a host round trip on a GPU). Under
+multiplied by one, which XLA fuses into the optimizer's update, rather than
+branching (an XLA conditional on a GPU may wait for its predicate on the
+host); only ‖W‖ with SGD and AGC's unit-wise clip, work that only a
+clipping step needs, sit in a `lax.cond` (docs/PERFORMANCE.md). Under
 `keras.distribution.DataParallel` the step sees the gradient of the global
 batch, so the decisions and records are the global ones. Under a
 `LossScaleOptimizer` a step whose scaled gradient overflowed is left to it
