@@ -1,8 +1,8 @@
 """`AGC`: adaptive gradient clipping, unit-wise against the weights' norms."""
 
 import numpy as np
-
 from keras import ops
+
 from keras_vg.clipping.policy import ClipPolicy, Decision, check_positive, is_sparse
 
 DIVISION_EPSILON = 1e-6

@@ -3,7 +3,6 @@
 import collections
 
 import numpy as np
-
 from keras import ops
 
 from keras_vg.clipping.policy import MAX_NORM, check_positive, ring_append, ring_init, ring_percentile

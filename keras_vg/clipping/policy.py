@@ -13,7 +13,6 @@ backends alike.
 import collections
 
 import numpy as np
-
 from keras import ops
 
 MAX_NORM = 1e18

@@ -15,9 +15,8 @@ import keras
 import numpy as np
 from keras import ops
 
-from keras_vg import format as fmt
-
 from keras_vg import _keras_compat
+from keras_vg import format as fmt
 from keras_vg.clipping.dead_end import stop_event
 
 RECORD_COLUMNS = ("global_grad_norm",) + fmt.CLIP_STATS

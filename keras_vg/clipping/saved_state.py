@@ -12,7 +12,6 @@ import weakref
 
 import keras
 import numpy as np
-
 from keras import ops
 
 from keras_vg import _keras_compat

@@ -6,7 +6,6 @@ Written in `keras.ops`: the same decision runs in the TensorFlow and the JAX tra
 import collections
 
 import numpy as np
-
 from keras import ops
 
 StepDecision = collections.namedtuple("StepDecision", [

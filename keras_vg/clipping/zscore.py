@@ -1,7 +1,6 @@
 """`ZScore`: ZClip's rule, clip spikes against running statistics of the norm."""
 
 import numpy as np
-
 from keras import ops
 
 from keras_vg.clipping.policy import ClipPolicy, Decision, check_positive

@@ -192,7 +192,7 @@ def test_mixed_float16_decides_on_the_unscaled_gradient_and_leaves_overflows_to_
     norms = {}
     for policy, scale in (("float32", None), ("mixed_float16", 2.0), ("mixed_float16", None)):
         keras.mixed_precision.set_global_policy(policy)
-        model = build(lambda: keras.optimizers.SGD(LR) if scale is None
+        model = build(lambda scale=scale: keras.optimizers.SGD(LR) if scale is None
                       else keras.optimizers.LossScaleOptimizer(keras.optimizers.SGD(LR), initial_scale=scale))
         clip = keras_vg.AutoClip(verbose=0)
         fit(model, x, y, [clip])
