@@ -58,13 +58,17 @@ class BuffersMetric(keras.metrics.Metric):
 
     def __init__(self, name, specs):
         super().__init__(name=name)
-        wide = jax.config.jax_enable_x64
-        narrow = {"int64": "int64" if wide else "int32", "float64": "float64" if wide else "float32"}
         self.buffers = {}
         for key, (shape, dtype, initial) in specs.items():
-            self.buffers[key] = self.add_variable(shape=tuple(shape), dtype=narrow.get(dtype, dtype), name=key,
-                                                  initializer="zeros")
-            self.buffers[key].assign(np.broadcast_to(initial, tuple(shape)))
+            self.add_buffer(key, shape, dtype, initial)
+
+    def add_buffer(self, key, shape, dtype, initial):
+        """Adds one buffer (as one of `specs`) and returns its variable."""
+        wide = jax.config.jax_enable_x64
+        dtype = {"int64": "int64" if wide else "int32", "float64": "float64" if wide else "float32"}.get(dtype, dtype)
+        self.buffers[key] = self.add_variable(shape=tuple(shape), dtype=dtype, name=key, initializer="zeros")
+        self.buffers[key].assign(np.broadcast_to(initial, tuple(shape)))
+        return self.buffers[key]
 
     def update_state(self, *args, **kwargs):
         del args, kwargs

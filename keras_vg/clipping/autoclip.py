@@ -27,7 +27,7 @@ from keras_vg.clipping.in_step import ClipStep, sgd_step_size
 from keras_vg.clipping.percentile import Percentile
 from keras_vg.clipping.policy import ClipPolicy, check_positive
 from keras_vg.clipping.records import ClipRecords, write_records
-from keras_vg.clipping.saved_state import STATE_ATTRIBUTE, ClipState, JaxClipState, config_key
+from keras_vg.clipping.saved_state import STATE_ATTRIBUTE, ClipState, config_key
 from keras_vg.clipping.switch import ClipSwitch
 from keras_vg.clipping.zscore import ZScore
 from keras_vg.run_log import RunLog
@@ -239,6 +239,8 @@ class AutoClip(keras.callbacks.Callback):
             # Kept across AutoClip instances with the same configuration: a new
             # callback for a later fit continues the statistics.
             if keras.backend.backend() == "jax":
+                from keras_vg.clipping.jax_step import JaxClipState
+
                 state = JaxClipState(model, key, self._switch.init())
                 _keras_compat.attach_metric(model, STATE_ATTRIBUTE, state)
                 # Keras fixes the training state's layout when it makes the train function.

@@ -81,8 +81,8 @@ def sgd_step_size(optimizer):
     return keras.ops.convert_to_tensor(optimizer.learning_rate)
 
 
-class ClipStep:
-    """AutoClip's hooks on one optimizer, and the step they run.
+class ClipHooks:
+    """What AutoClip's in-step part is on either backend: its hooks, and the parts the step uses.
 
     Args:
         switch: The `ClipSwitch` that decides each step.
@@ -93,8 +93,8 @@ class ClipStep:
     Example:
 
     ```python
-    step = ClipStep(switch, policy, trigger, records)
-    step.state = clip_state                 # the saved `ClipState`
+    step = ClipStep(switch, policy, trigger, records)   # or jax_step.JaxClipStep
+    step.state = clip_state                 # the saved state (`AutoClip.set_model`)
     if step.install(optimizer, model):      # the next traced train step clips
         ...
     step.uninstall()
@@ -103,18 +103,46 @@ class ClipStep:
 
     def __init__(self, switch, policy, trigger, records):
         self.switch, self.policy, self.trigger, self.records = switch, policy, trigger, records
-        self.state = None  # the `ClipState`, set by `AutoClip.set_model`
-        self.optimizer = None
+        self.state = None  # the saved state, set by `AutoClip.set_model`
+        self.optimizer = None  # the optimizer applying the updates
         self.model = None  # the model the hooks were installed for
         self.patches = Patches()
         self.trace_count = 0
-        self._flag = threading.local()
-        self._clip_in_update = False  # set by `install`
 
     def installed_for(self, optimizer, model):
         """Whether the hooks are on `optimizer`, installed for `model`."""
         # A later fit of the same compiled model reuses the traced function: no retrace.
         return bool(self.patches) and self.optimizer is optimizer and self.model is model
+
+    def install(self, optimizer, model):
+        """Installs the hooks and makes new record buffers; returns whether it could (else it warned)."""
+        raise NotImplementedError
+
+    def uninstall(self):
+        """Removes the hooks. Idempotent.
+
+        Returns:
+            Whether there were hooks to remove.
+        """
+        had_hooks = bool(self.patches)
+        self.patches.undo_all()
+        self.optimizer = None
+        return had_hooks
+
+    def _allocate_and_bind(self, model):
+        self.records.allocate(model)
+        self.policy.bind(model)
+        if self.trigger is not None:
+            self.trigger.bind(model)
+
+
+class ClipStep(ClipHooks):
+    """AutoClip's hooks on one TensorFlow optimizer, and the step they run (see `ClipHooks`)."""
+
+    def __init__(self, switch, policy, trigger, records):
+        super().__init__(switch, policy, trigger, records)
+        self._flag = threading.local()
+        self._clip_in_update = False  # set by `install`
 
     def install(self, optimizer, model):
         """Installs the hooks on `optimizer` and makes new record buffers.
@@ -137,10 +165,7 @@ class ClipStep:
             return False
         self.optimizer = optimizer
         self.model = model
-        self.records.allocate(model)
-        self.policy.bind(model)
-        if self.trigger is not None:
-            self.trigger.bind(model)
+        self._allocate_and_bind(model)
         self.patches.add(stages.add(self._stage, _keras_compat.CLIP))
         self._clip_in_update = False
         if self.policy.skip_nonfinite:
@@ -155,17 +180,6 @@ class ClipStep:
                 self._clip_in_update = (not masked and not self.policy.lazy
                                         and model.distribute_strategy.num_replicas_in_sync == 1)
         return True
-
-    def uninstall(self):
-        """Removes the hooks. Idempotent.
-
-        Returns:
-            Whether there were hooks to remove.
-        """
-        had_hooks = bool(self.patches)
-        self.patches.undo_all()
-        self.optimizer = None
-        return had_hooks
 
     def _take_flag(self):
         flag = getattr(self._flag, "value", None)

@@ -2,7 +2,7 @@
 
 Keras's JAX trainer is stateless: `train_step(state, data)` takes every
 variable's value and returns new ones, and `fit` threads them from one jitted
-step to the next. AutoClip's state (`saved_state.JaxClipState`) and its record
+step to the next. AutoClip's state (`JaxClipState`) and its record
 buffers are therefore the variables of metrics attached to the model, and two
 wrappers act in the step:
 
@@ -27,6 +27,7 @@ as on TensorFlow.
 """
 
 import threading
+import weakref
 
 import jax
 import jax.numpy as jnp
@@ -35,9 +36,10 @@ from keras import ops
 
 from keras_vg import _keras_compat
 from keras_vg.clipping.dead_end import weights_norm
-from keras_vg.clipping.in_step import sgd_step_size
+from keras_vg.clipping.in_step import ClipHooks, sgd_step_size
 from keras_vg.clipping.policy import scale_gradients
-from keras_vg.patches import Patches
+from keras_vg.clipping.saved_state import PackedState
+from keras_vg.jax_tap import BuffersMetric
 
 
 def global_norm(grads):
@@ -59,6 +61,40 @@ def global_norm(grads):
     return norm, jnp.isfinite(norm)
 
 
+class JaxClipState(PackedState, BuffersMetric):
+    """AutoClip's saved state on JAX: the variables of a metric attached to the model, which Keras threads.
+
+    The train step reads the packed vectors from the metrics' state it is
+    given (`unpack`) and returns new ones (`pack`); weight files keep one
+    entry per name, as on TensorFlow (`saved_state.ClipState`).
+
+    Args:
+        model: The model it is attached to (mid-epoch, its values live in
+            Keras's training state, read through `_keras_compat`).
+        key: The configuration the state belongs to.
+        initial: As `ClipSwitch.init()` returns it; integers are kept in
+            int32 unless JAX runs in 64 bits (as Keras's own `iterations`).
+
+    Example:
+
+    ```python
+    state = JaxClipState(model, key, switch.init())
+    state.numpy()["active"]   # 0: armed
+    ```
+    """
+
+    def __init__(self, model, key, initial):
+        super().__init__("keras_vg_autoclip", {})
+        # Not an attribute holding the model: saving walks a metric's attributes, and would loop.
+        model_ref = weakref.ref(model)
+        self._read_numpy = lambda variable: _keras_compat.read_variable(model_ref(), variable)
+        self._lay_out(key, initial, "int64" if jax.config.jax_enable_x64 else "int32")
+        self.packed = {}
+        for kind in self._order:
+            flat = self._pack_numpy(initial, kind)
+            self.packed[kind] = self.add_buffer(kind, flat.shape, kind, flat)
+
+
 class _InStep(threading.local):
     """What the `train_step` wrapper hands the `stateless_apply` wrapper while a step is traced."""
 
@@ -68,40 +104,12 @@ class _InStep(threading.local):
         self.written = None  # position -> new value, once the optimizer decided
 
 
-class JaxClipStep:
-    """AutoClip's wrappers on one model and its optimizer, and the step they run (JAX).
-
-    The same interface as `keras_vg.clipping.in_step.ClipStep`.
-
-    Args:
-        switch: The `ClipSwitch` that decides each step.
-        policy: The clipping policy (also the switch's).
-        trigger: The trigger policy, or None.
-        records: The `ClipRecords` whose buffers the step writes.
-
-    Example:
-
-    ```python
-    step = JaxClipStep(switch, policy, trigger, records)
-    step.state = clip_state                 # the saved `JaxClipState`
-    if step.install(optimizer, model):      # Keras's next train function clips
-        ...
-    step.uninstall()
-    ```
-    """
+class JaxClipStep(ClipHooks):
+    """AutoClip's wrappers on one model and its optimizer, and the step they run, on JAX (see `ClipHooks`)."""
 
     def __init__(self, switch, policy, trigger, records):
-        self.switch, self.policy, self.trigger, self.records = switch, policy, trigger, records
-        self.state = None  # the `JaxClipState`, set by `AutoClip.set_model`
-        self.optimizer = None  # the optimizer applying the updates (inside a loss scaler, its inner one)
-        self.model = None
-        self.patches = Patches()
-        self.trace_count = 0
+        super().__init__(switch, policy, trigger, records)
         self._in_step = _InStep()
-
-    def installed_for(self, optimizer, model):
-        """Whether the wrappers are on `optimizer` and `model`."""
-        return bool(self.patches) and self.optimizer is optimizer and self.model is model
 
     def install(self, optimizer, model):
         """Makes new record buffers and wraps the model's `train_step` and its optimizer's `stateless_apply`.
@@ -115,26 +123,12 @@ class JaxClipStep:
         """
         _keras_compat.warn_if_jax_untested()
         self.optimizer, self.model = optimizer, model
-        self.records.allocate(model)
-        self.policy.bind(model)
-        if self.trigger is not None:
-            self.trigger.bind(model)
+        self._allocate_and_bind(model)
         self.patches.wrap(model, "train_step", self._train_step)
         # The loss scaler's own method: it unscales and checks the gradient inside a conditional,
         # which no value made in the step may leave.
         self.patches.wrap(model.optimizer, "stateless_apply", self._stateless_apply)
         return True
-
-    def uninstall(self):
-        """Removes the wrappers. Idempotent.
-
-        Returns:
-            Whether there were wrappers to remove.
-        """
-        had_hooks = bool(self.patches)
-        self.patches.undo_all()
-        self.optimizer = None
-        return had_hooks
 
     # In the train step ---------------------------------------------------------------
 

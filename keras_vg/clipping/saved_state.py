@@ -1,20 +1,18 @@
 """AutoClip's saved state: two variables (every float, every integer) holding its statistics, on/off and counts.
 
 On TensorFlow the state is a layer attached to the model (`STATE_ATTRIBUTE`),
-outside its layer tracker; on JAX it is a metric attached there, so that
-Keras threads its variables through the stateless train step. Either way
+outside its layer tracker; on JAX it is a metric attached there
+(`jax_step.JaxClipState`), so that Keras threads its variables through the
+stateless train step. Either way
 every Keras way of saving weights carries it (docs/CLIPPING.md,
 "Checkpoints"), one entry per name.
 """
 
 import warnings
-import weakref
 
 import keras
 import numpy as np
 from keras import ops
-
-from keras_vg import _keras_compat
 
 STATE_ATTRIBUTE = "_keras_vg_autoclip_state"
 """The model attribute holding the checkpointed state (also its path in weight files)."""
@@ -38,7 +36,7 @@ def config_key(policy):
     return (type(policy).__name__, tuple(sorted(policy.get_config().items()))) if policy is not None else None
 
 
-class _PackedState:
+class PackedState:
     """What both backends' states share: the packing of named values into two vectors, and saving.
 
     Held in two variables (every float, every integer), not one per entry:
@@ -118,7 +116,7 @@ class _PackedState:
             variable.assign(self._pack_numpy(values, kind))
 
 
-class ClipState(_PackedState, keras.layers.Layer):
+class ClipState(PackedState, keras.layers.Layer):
     """The state saved with the model's weights, on TensorFlow: statistics, on/off, counts.
 
     Args:
@@ -156,50 +154,3 @@ class ClipState(_PackedState, keras.layers.Layer):
         """Writes a dict of tensors (as `read` returns them) in the train step."""
         for kind, value in self.pack(values).items():
             self.packed[kind].assign(value)
-
-
-class JaxClipState(_PackedState, keras.metrics.Metric):
-    """The state saved with the model's weights, on JAX: the variables of a metric, which Keras threads.
-
-    The train step reads the packed vectors from the metrics' state it is
-    given (`unpack`) and returns new ones (`pack`). It never resets (Keras
-    resets metrics at each epoch) and reports nothing in the logs.
-
-    Args:
-        model: The model it is attached to (mid-epoch, its values live in
-            Keras's training state, read through `_keras_compat`).
-        key: As `ClipState`'s.
-        initial: As `ClipState`'s; integers are kept in int32 unless JAX
-            runs in 64 bits (as Keras's own `iterations`).
-
-    Example:
-
-    ```python
-    state = JaxClipState(model, key, switch.init())
-    state.numpy()["active"]   # 0: armed
-    ```
-    """
-
-    def __init__(self, model, key, initial):
-        super().__init__(name="keras_vg_autoclip")
-        import jax
-
-        # Not an attribute holding the model: saving walks a metric's attributes, and would loop.
-        model_ref = weakref.ref(model)
-        self._read_numpy = lambda variable: _keras_compat.read_variable(model_ref(), variable)
-        self._lay_out(key, initial, "int64" if jax.config.jax_enable_x64 else "int32")
-        self.packed = {}
-        for kind in self._order:
-            flat = self._pack_numpy(initial, kind)
-            self.packed[kind] = self.add_variable(shape=flat.shape, dtype=kind, name=f"keras_vg_autoclip_{kind}",
-                                                  initializer="zeros")
-            self.packed[kind].assign(flat)
-
-    def update_state(self, *args, **kwargs):
-        del args, kwargs
-
-    def reset_state(self):
-        pass
-
-    def result(self):
-        return {}

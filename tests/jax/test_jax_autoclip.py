@@ -7,14 +7,12 @@ benchmark's targets.
 Run with `KERAS_BACKEND=jax`: see tests/conftest.py.
 """
 
-import importlib.util
-import pathlib
-
 import jax
 import jax.numpy as jnp
 import keras
 import numpy as np
 import pytest
+from rescue_cases import check_smallest_rescue_cases
 
 import keras_vg
 
@@ -210,26 +208,9 @@ def test_mixed_float16_decides_on_the_unscaled_gradient_and_leaves_overflows_to_
     np.testing.assert_allclose(norms["mixed_float16"], norms["float32"], rtol=2e-2)
 
 
-def rescue_benchmark():
-    """`benchmarks/autoclip_rescue.py`, imported as a module."""
-    path = pathlib.Path(__file__).resolve().parents[2] / "benchmarks" / "autoclip_rescue.py"
-    spec = importlib.util.spec_from_file_location("autoclip_rescue", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_rescue_benchmark_smallest_cases():
     """As tests/test_clipping.py's, on JAX: the ruinous first SGD step is rescued; a healthy run is untouched."""
-    bench = rescue_benchmark()
-    final = {arm: bench.train("relu_mlp_big_init", arm, epochs=1)[:2]
-             for arm in ("none", "static 0.1", "static 1", "static 10", "AutoClip()")}
-    assert final["none"][0] == np.inf
-    best_static = min(final[arm][0] for arm in bench.STATIC)
-    loss, on = final["AutoClip()"]
-    assert on == 0 and np.isfinite(loss) and loss <= 1.5 * best_static, final
-    (plain, _, _), (clipped, on, clip) = (bench.train("tanh_mlp_sgd", arm, epochs=1) for arm in ("none", "AutoClip()"))
-    assert on is None and clipped == plain and clip.state()["clipped"] == 0
+    check_smallest_rescue_cases()
 
 
 def test_a_recompile_and_a_new_monitor_keep_clipping_on_the_run_step_axis(tmp_path):
