@@ -513,6 +513,15 @@ def is_primary_process():
     return jax.process_index() == 0
 
 
+def process_count():
+    """How many processes train together: JAX's process count, else 1."""
+    if keras.backend.backend() != "jax":
+        return 1
+    import jax
+
+    return jax.process_count()
+
+
 def attach_metric(model, name, metric):
     """Attaches a metric to a built model, whose variables Keras then threads through each step.
 

@@ -109,8 +109,9 @@ class AutoClip(keras.callbacks.Callback):
     warning that names the step, the last step whose update was applied,
     and what to try: when the weights or the optimizer's slots are
     themselves not finite, or after `skip_patience` skipped steps in a row.
-    Both are checked on the host every 32 steps (or second), and at the end
-    of each epoch.
+    Both are checked on the host every 32 steps (or second; with several
+    JAX processes, every 32 steps, so that all stop at the same step), and at
+    the end of each epoch.
 
     The state (statistics, on/off, counts) is saved with the model's weights
     (`BackupAndRestore`, `ModelCheckpoint`, `model.save_weights`,
@@ -202,6 +203,7 @@ class AutoClip(keras.callbacks.Callback):
         self._state = None
         self._run = None  # the model's RunLog: a GradientMonitor's run to write into
         self._warned_backend = False
+        self._processes = 1  # JAX processes training together (`on_train_begin`)
         self._records = ClipRecords(self.policy, self.cooldown, self.log_dir, self.every)
         self._step = _step_class()(self._switch, self.policy, self.trigger, self._records)
         self._dead_end = DeadEndWatch(self.skip_patience)
@@ -316,6 +318,7 @@ class AutoClip(keras.callbacks.Callback):
         self._last_batch = None
         self._pending_steps = 0
         self._last_read = time.monotonic()
+        self._processes = _keras_compat.process_count()
         self._records.start_fit()
         self.stopped = None
         if not self._step.installed_for(applying, self.model):
@@ -384,7 +387,9 @@ class AutoClip(keras.callbacks.Callback):
         executed = batch - self._last_batch
         self._last_batch = batch
         self._pending_steps += executed
-        if self._pending_steps >= READ_BATCH_RECORDS or time.monotonic() - self._last_read >= READ_INTERVAL_SECS:
+        # Several processes must stop at the same step: they look at the same step counts, not clocks.
+        timed = self._processes == 1 and time.monotonic() - self._last_read >= READ_INTERVAL_SECS
+        if self._pending_steps >= READ_BATCH_RECORDS or timed:
             self._host_work(batch_to_come=True)
 
     def on_epoch_begin(self, epoch, logs=None):

@@ -100,8 +100,10 @@ class ClipRecords:
             "events": np.zeros([EVENT_CAPACITY + SPARE_ROWS, 4]),
             # Clipped and skipped steps since the last record, and events in all.
             "counts": np.zeros([3]),
-            # Measured on the host (`AutoClip._refresh_weight_norm`), read by the guard's SGD rules.
-            "weight_norm": np.float32(np.nan),
+            # Measured on the host (`AutoClip._refresh_weight_norm`), read by the guard's SGD rules; 0 until
+            # then, which gives them no scale (not NaN: JAX checks that every process puts the same initial
+            # value, and NaN equals nothing).
+            "weight_norm": np.float32(0.0),
         }
         if keras.backend.backend() == "tensorflow":
             from keras_vg.device_buffers import sync_on_read
@@ -242,8 +244,8 @@ class ClipRecords:
                           stacklevel=2)
 
     def print_events(self, offset):
-        """Prints the events not printed before to stderr, their steps shifted by `offset`."""
-        if self.buffers is None or self.failed:
+        """Prints the events not printed before to stderr, their steps shifted by `offset` (process 0 only)."""
+        if self.buffers is None or self.failed or not _keras_compat.is_primary_process():
             return
         try:
             events, self._print_cursor = self._events_since(self._print_cursor, offset)
@@ -258,10 +260,12 @@ class ClipRecords:
     def read_and_write(self, run=None):
         """Reads the records and events not read before and writes them: into `log_dir`, or into `run`.
 
+        Every process of a multi-process run holds the same global records: process 0 alone writes them.
+
         Args:
             run: The model's `RunLog`, open; None to write into `log_dir`.
         """
-        if self.buffers is None or self.failed:
+        if self.buffers is None or self.failed or not _keras_compat.is_primary_process():
             return
         try:
             if run is None:

@@ -1,6 +1,7 @@
 """keras.distribution on JAX: the records equal a single-device run on the same global batch.
 
-DataParallel over two devices and over two processes, and ModelParallel with sharded kernels.
+DataParallel over two devices and over two processes, and ModelParallel with sharded kernels; in each,
+AutoClip beside the monitor switches on at the same spike and clips the same steps.
 """
 
 import os
@@ -19,13 +20,21 @@ pytestmark = pytest.mark.fit
 
 BATCH = 32
 STATS = ("grad_norm", "grad_max_abs", "weight_norm", "update_ratio", "dead_fraction", "saturation_fraction",
-         "global_grad_norm")
+         "global_grad_norm", "global_grad_norm_clipped", "clip_threshold", "clipped", "skipped")
+SPIKE = 5
+"""The step whose batch holds an outlier target: AutoClip switches on there."""
 
 
 def data():
     rng = np.random.RandomState(0)
     x = rng.randn(8 * BATCH, 8).astype("float32")
-    return x, (x @ rng.randn(8, 1)).astype("float32")
+    y = (x @ rng.randn(8, 1)).astype("float32")
+    y[SPIKE * BATCH + 3] = 1e4
+    return x, y
+
+
+def callbacks(log_dir):
+    return [keras_vg.GradientMonitor(log_dir, every=2, verbose=0), keras_vg.AutoClip(verbose=0)]
 
 
 def build():
@@ -41,11 +50,12 @@ def single_device_run(log_dir):
     keras.distribution.set_distribution(None)
     x, y = data()
     build().fit(x, y, batch_size=BATCH, epochs=1, shuffle=False, verbose=0,
-                callbacks=[keras_vg.GradientMonitor(log_dir, every=2, verbose=0)])
+                callbacks=callbacks(log_dir))
     return keras_vg.read_run(log_dir)
 
 
 def assert_same_records(run, reference):
+    assert [(e["kind"], e["step"]) for e in run.events() if e["kind"] == "clip_on"] == [("clip_on", SPIKE)]
     for stat in STATS:
         steps, names, values = run.stat(stat)
         np.testing.assert_array_equal(steps, reference.stat(stat)[0], err_msg=stat)
@@ -61,7 +71,7 @@ def test_data_parallel_over_two_devices_equals_one_device(tmp_path):
         keras.distribution.set_distribution(keras.distribution.DataParallel(devices=jax.devices()))
         x, y = data()
         build().fit(x, y, batch_size=BATCH, epochs=1, shuffle=False, verbose=0,
-                    callbacks=[keras_vg.GradientMonitor(tmp_path / "two", every=2, verbose=0)])
+                    callbacks=callbacks(tmp_path / "two"))
     finally:
         keras.distribution.set_distribution(None)
     assert_same_records(keras_vg.read_run(tmp_path / "two"), reference)
@@ -81,7 +91,7 @@ def test_model_parallel_with_sharded_kernels_equals_one_device(tmp_path):
         model = build()
         x, y = data()
         model.fit(x, y, batch_size=BATCH, epochs=1, shuffle=False, verbose=0,
-                  callbacks=[keras_vg.GradientMonitor(tmp_path / "sharded", every=2, verbose=0)])
+                  callbacks=callbacks(tmp_path / "sharded"))
         assert "model" in str(model.layers[0].kernel.value.sharding.spec)  # really sharded
     finally:
         keras.distribution.set_distribution(None)
