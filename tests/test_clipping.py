@@ -652,3 +652,21 @@ def test_fit_twice_and_close_twice():
     fit(model, x, y, [])  # runs unclipped, without the hooks
     assert "_backend_update_step" not in model.optimizer.__dict__
     assert os.fspath(clip.get_config()["policy"]).startswith("ZScore(")
+
+
+def test_a_backend_it_cannot_hook_gets_one_warning_and_training_as_without_it(monkeypatch):
+    # Keras's torch backend, as AutoClip sees it (Keras's own modules still run TensorFlow here).
+    x, y = regression(batches=3)
+    x[BATCH + 1] = np.nan  # a step AutoClip would skip
+    plain = build()
+    fit(plain, x, y, [])
+    monkeypatch.setattr(keras.backend, "backend", lambda: "torch")
+    model, clip = build(), keras_vg.AutoClip(verbose=0)
+    with pytest.warns(UserWarning, match="'torch' backend is not supported") as caught:
+        for _ in range(2):  # a second fit with the same callback: still one warning
+            fit(model, x, y, [clip])
+    assert sum("AutoClip" in str(w.message) for w in caught) == 1
+    fit(plain, x, y, [])
+    for a, b in zip(model.weights, plain.weights):  # NaN included: nothing was skipped
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
+    assert not clip.active and clip.read_new() == [] and clip.drain_events() == []
