@@ -227,3 +227,18 @@ def test_a_recompile_and_a_new_monitor_keep_clipping_on_the_run_step_axis(tmp_pa
     np.testing.assert_array_equal(steps, np.arange(8))
     np.testing.assert_array_equal(clipped.ravel() > 0, steps >= 6)
     assert [(e["kind"], e["step"]) for e in run.events() if e["kind"] == "clip_on"] == [("clip_on", 6)]
+
+
+def test_steps_per_execution_decides_and_records_every_step():
+    x, y = regression(batches=8)
+    y[5 * BATCH] = 1e3  # step 5: a spike
+    x[6 * BATCH + 2] = np.nan  # step 6: skipped
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(16, activation="tanh"), keras.layers.Dense(1)])
+    model.compile(optimizer=keras.optimizers.SGD(LR), loss="mse", steps_per_execution=4)
+    clip = keras_vg.AutoClip(verbose=0)
+    fit(model, x, y, [clip])
+    records = clip.read_new()
+    assert [step for step, _ in records] == list(range(8))
+    assert [(v["clipped"], v["skipped"]) for _, v in records] == [(0, 0)] * 5 + [(1, 0), (0, 1), (1, 0)]
+    assert [(e["kind"], e["step"]) for e in clip.drain_events()] == [("clip_on", 5), ("skip", 6)]
