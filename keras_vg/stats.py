@@ -20,9 +20,10 @@ def dense_values(grad):
 def global_norm_of(tensors):
     """Returns the L2 norm of all the tensors together: one fused reduction per tensor, nothing else.
 
-    The one global-norm helper of keras-vg's TensorFlow code (AutoClip's
-    gradients and weights; a `Tap` that has per-variable norms already
-    combines them with `global_norm`). A NaN anywhere makes the result NaN,
+    The one global-norm helper of keras-vg's TensorFlow code for gradients
+    (AutoClip's; a `Tap` that has per-variable norms already combines them
+    with `global_norm`). The weights' norm AutoClip takes on a clipping step
+    is `clipping.policy.weights_norm`, in `keras.ops` for both backends. A NaN anywhere makes the result NaN,
     an inf makes it inf, and so do finite values whose squares overflow
     float32 (a norm past 1.8e19).
 

@@ -11,23 +11,7 @@ import numpy as np
 from keras import ops
 
 from keras_vg import _keras_compat
-
-
-def weights_norm(values):
-    """The global L2 norm of some weights (or any tensors), in float32.
-
-    Args:
-        values: A non-empty list of tensors (or variables) of any float dtype.
-
-    Returns:
-        A float32 scalar tensor.
-
-    Example:
-
-    >>> float(weights_norm([np.array([3.0]), np.array([4.0])]))
-    5.0
-    """
-    return ops.sqrt(sum(ops.sum(ops.square(ops.cast(v, "float32"))) for v in values))
+from keras_vg.clipping.policy import weights_norm
 
 
 def _all_finite(values):
@@ -80,9 +64,9 @@ class HostChecks:
         return [_keras_compat.current_value(self.model, v) for v in variables]
 
     def weight_norm(self):
-        """The global norm of the trainable weights (NaN while the model has none: not yet built)."""
+        """The global norm of the trainable weights (0, no scale for the SGD rules, while there are none)."""
         variables = self.model.trainable_variables
-        return float(self._norm(self._values(variables))) if variables else float("nan")
+        return float(self._norm(self._values(variables))) if variables else 0.0
 
     def _checked(self):
         seen, checked = set(), []

@@ -15,7 +15,7 @@ import keras
 
 from keras_vg import _keras_compat
 from keras_vg.clipping._tf import tf
-from keras_vg.clipping.policy import scale_gradients
+from keras_vg.clipping.policy import scale_gradients, weights_norm
 from keras_vg.patches import Patches
 
 
@@ -46,20 +46,6 @@ def global_norm(tensors):
 
     norm = stats.global_norm_of([stats.dense_values(t) for t in tensors])
     return norm, tf.math.is_finite(norm)
-
-
-def norm_of(variables):
-    """The global L2 norm of some variables, in float32.
-
-    Args:
-        variables: Variables or tensors of any float dtype.
-
-    Returns:
-        A float32 scalar tensor.
-    """
-    from keras_vg import stats
-
-    return stats.global_norm_of([tf.cast(v, tf.float32) for v in variables])
 
 
 def sgd_step_size(optimizer):
@@ -242,7 +228,7 @@ class ClipStep(ClipHooks):
         step pays for a clip anyway: the next steps judge against it.
         """
         if sgd_step_size(self.optimizer) is not None:
-            self.records.buffers["weight_norm"].assign(norm_of(variables))
+            self.records.buffers["weight_norm"].assign(weights_norm(variables))
         if not self.policy.lazy:
             return scale_gradients(grads, decision.factor), tf.constant(True), decision.norm_after
         # A unit-wise policy (AGC) on top of the global bounds: each unit takes the smaller factor.

@@ -35,9 +35,8 @@ import keras
 from keras import ops
 
 from keras_vg import _keras_compat
-from keras_vg.clipping.dead_end import weights_norm
 from keras_vg.clipping.in_step import ClipHooks, sgd_step_size
-from keras_vg.clipping.policy import scale_gradients
+from keras_vg.clipping.policy import scale_gradients, weights_norm
 from keras_vg.clipping.saved_state import PackedState
 from keras_vg.jax_tap import BuffersMetric
 

@@ -119,6 +119,23 @@ def is_sparse(grad):
     return hasattr(grad, "indices") and hasattr(grad, "dense_shape") and hasattr(grad, "values")
 
 
+def weights_norm(values):
+    """The global L2 norm of some weights (or any tensors), in float32.
+
+    Args:
+        values: A non-empty list of tensors (or variables) of any float dtype.
+
+    Returns:
+        A float32 scalar tensor.
+
+    Example:
+
+    >>> float(weights_norm([np.array([3.0]), np.array([4.0])]))
+    5.0
+    """
+    return ops.sqrt(sum(ops.sum(ops.square(ops.cast(v, "float32"))) for v in values))
+
+
 def norm_decision(norm, threshold, target):
     """The decision of a policy that clips the global norm down to `target` above `threshold`.
 
