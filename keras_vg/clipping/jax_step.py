@@ -56,8 +56,8 @@ def global_norm(grads):
     >>> float(norm), bool(finite)
     (5.0, True)
     """
-    norm = jnp.sqrt(sum(jnp.sum(jnp.square(jnp.asarray(g, jnp.float32))) for g in grads))
-    return norm, jnp.isfinite(norm)
+    norm = weights_norm(grads)
+    return norm, ops.isfinite(norm)
 
 
 class JaxClipState(PackedState, BuffersMetric):
