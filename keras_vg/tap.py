@@ -288,10 +288,16 @@ class Tap(TapSettings):
         return self._index.get(id(variable), self._index.get(id(backend_value(variable))))
 
     def _observe_gradients(self, grads, variables):
-        """Writes the statistics of the aggregated, unscaled, pre-clip gradients of this step."""
+        """Writes the statistics of the aggregated, unscaled, pre-clip gradients of this step.
+
+        Returns:
+            `(norms, row_of)` for `UpdateMeter.around`: the gradients' L2
+            norms, and a dict from each gradient tensor's `ref()` to its row;
+            None where nothing was measured.
+        """
         present = [(g, p) for g, p in zip(grads, map(self._position, variables)) if g is not None and p is not None]
         if not present:
-            return
+            return None
         tensors = [stats.dense_values(g) for g, _ in present]
         positions = tf.constant([[p] for _, p in present], tf.int32)
         n = len(self.variables)
@@ -306,6 +312,7 @@ class Tap(TapSettings):
             write_row(self.buffers["gradients"], rows, slot)
         if "global_grad_norm" in self.buffers:
             write_row(self.buffers["global_grad_norm"], stats.global_norm(norms), slot)
+        return norms, {t.ref(): row for row, t in enumerate(tensors) if isinstance(t, tf.Tensor)}
 
     def _observe_local_gradients(self, grads, variables):
         scale = getattr(self.optimizer, "loss_scale_factor", None)
@@ -318,7 +325,7 @@ class Tap(TapSettings):
             reduced = context.all_reduce(tf.distribute.ReduceOp.SUM, [grads[i] for i in present])
             for i, g in zip(present, reduced):
                 grads[i] = g
-        self._observe_gradients(grads, variables)
+        return self._observe_gradients(grads, variables)
 
     def _observe_aggregated(self, grads, variables):
         if self._recording:
@@ -338,11 +345,11 @@ class Tap(TapSettings):
             with tf.name_scope("keras_vg"):
                 step, slot, is_record = self._record_point()
                 layer_row = self._layer_row(*self._take_activations()) if "layers" in self.buffers else None
-                if self._gradients_in_apply:
-                    self._observe_local_gradients(grads, variables)
+                gradient_norms = self._observe_local_gradients(grads, variables) if self._gradients_in_apply else None
             if self.records.records_weights:
                 updated = [v for g, v in zip(grads, variables) if g is not None]
-                measure = self._update_meter.around(updated, lambda: original(grads, trainable_variables))
+                measure = self._update_meter.around(updated, lambda: original(grads, trainable_variables),
+                                                    gradient_norms)
             else:
                 original(grads, trainable_variables)
             with tf.name_scope("keras_vg"):

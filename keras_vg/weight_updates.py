@@ -7,6 +7,8 @@ applied. It is measured in one of two ways, chosen per variable:
   `assign_add` and `assign_sub` methods are wrapped, and ‖Δw‖ is taken from
   the very tensor they add, subtract or store. There is no copy of the
   weights, which is most of what `every=1` used to cost (docs/PERFORMANCE.md).
+  Where that tensor is a recorded gradient times a scalar (plain SGD's
+  `g · lr`), ‖Δw‖ is |lr|·‖g‖ from the record, without a pass of its own.
 - **Copied.** The weights are copied before the update and subtracted from
   the new values after it. Exact whatever changes the variable (weight
   decay, constraints, custom optimizers, `tf.distribute`), at the price of a
@@ -37,6 +39,36 @@ def _half_squared_norm(value):
         rows, row_of = tf.unique(value.indices)
         value = tf.math.unsorted_segment_sum(value.values, row_of, tf.shape(rows)[0])
     return tf.nn.l2_loss(tf.cast(value, tf.float32))
+
+
+def _scaled_gradient(value, row_of):
+    """`(scalar, row)` where `value` is the recorded gradient `row_of` names times a scalar, else None.
+
+    Plain SGD subtracts `g · lr`: ‖Δw‖ is |lr|·‖g‖, and the record has
+    already taken ‖g‖, so the update needs no pass of its own (one pass
+    over every parameter, docs/PERFORMANCE.md); a learning rate of 0 reads 0.
+    A sparse update (`IndexedSlices`) is not matched: it adds repeated rows.
+
+    Args:
+        value: What the optimizer adds to or subtracts from a variable.
+        row_of: A dict from recorded gradient tensors' `ref()` to their rows.
+
+    Returns:
+        A pair `(scalar tensor, int)`, or None.
+    """
+    if not row_of or not isinstance(value, tf.Tensor) or tf.executing_eagerly() or value.op.type != "Mul":
+        return None
+    if value.dtype != tf.float32:
+        return None
+    first, second = value.op.inputs
+    for gradient, scalar in ((first, second), (second, first)):
+        # Keras hands the gradients to `update_step` through an `IdentityN`.
+        while gradient.op.type in ("Identity", "IdentityN"):
+            gradient = gradient.op.inputs[gradient.value_index]
+        row = row_of.get(gradient.ref())
+        if row is not None and scalar.shape.rank == 0:
+            return scalar, row
+    return None
 
 
 class UpdateMeter:
@@ -72,13 +104,18 @@ class UpdateMeter:
                                                     name="keras_vg_change_squares",
                                                     experimental_enable_variable_lifting=False)
 
-    def around(self, variables, update):
+    def around(self, variables, update, gradient_norms=None):
         """Runs `update()`, measuring the given variables around it.
 
         Args:
             variables: The variables `update` may change.
             update: A function of no arguments that applies the optimizer's
                 update.
+            gradient_norms: Optional pair `(norms, row_of)` of the gradients
+                the step has recorded: their L2 norms as a float32 vector,
+                and a dict from each gradient tensor's `ref()` to its row. An
+                update that is one of them times a scalar (plain SGD's
+                `g · lr`) takes its norm from there.
 
         Returns:
             A function of no arguments, called after the update (within a
@@ -94,6 +131,8 @@ class UpdateMeter:
         # ‖Δw‖²/2 of the updates traced in this graph, by position; those traced inside a
         # branch are written to the variable at once (see `_observer`).
         half_squares = {}
+        scaled = {}  # position -> (scalar, row of gradient_norms): updates that are a gradient times a scalar
+        norms_of_gradients, row_of = gradient_norms or (None, {})
         weight_squares = None
         with tf.name_scope("keras_vg"):
             before = [tf.identity(backend_value(v)) for v, _ in copied]
@@ -101,11 +140,11 @@ class UpdateMeter:
                 # A branch not taken must read as no change.
                 self._half_change_squares.assign(tf.zeros_like(self._half_change_squares))
                 weight_squares = stats.squared_norms([tf.cast(backend_value(v), tf.float32) for v, _ in observed])
-        with self._observing(calls, weight_squares, half_squares):
+        with self._observing(calls, weight_squares, half_squares, scaled, row_of):
             update()
         self._warn_unobserved([p for p, count in calls.items() if count != 1])
         indices = [p for _, p in observed]
-        from_variable = not all(p in half_squares for p in indices)
+        from_variable = not all(p in half_squares for p in indices if p not in scaled)
         if from_variable and half_squares:
             with tf.name_scope("keras_vg"):
                 self._half_change_squares.scatter_nd_update(
@@ -114,11 +153,7 @@ class UpdateMeter:
         def finish():
             norms, ratios, positions = [], [], []
             if observed:
-                if from_variable:
-                    halves = tf.gather(self._half_change_squares.read_value(), indices)
-                else:
-                    halves = tf.stack([half_squares[p] for p in indices])
-                changes = tf.sqrt(2.0 * halves)
+                changes = self._observed_changes(indices, half_squares, from_variable, scaled, norms_of_gradients)
                 weight_norms = tf.sqrt(weight_squares)
                 ratio = stats.change_ratios(weight_norms, changes)
                 unmeasured = tf.constant([calls[p] != 1 for p in indices])
@@ -137,8 +172,27 @@ class UpdateMeter:
 
         return finish
 
+    def _observed_changes(self, indices, half_squares, from_variable, scaled, norms_of_gradients):
+        """‖Δw‖ of the observed updates, in `indices` order: a few ops, however many variables."""
+        parts, order = [], []
+        measured = [p for p in indices if p not in scaled]
+        if measured:
+            if from_variable:
+                halves = tf.gather(self._half_change_squares.read_value(), measured)
+            else:
+                halves = tf.stack([half_squares[p] for p in measured])
+            parts.append(tf.sqrt(2.0 * halves))
+            order += measured
+        if scaled:
+            from_gradient = [p for p in indices if p in scaled]
+            scalars = tf.stack([scaled[p][0] for p in from_gradient])
+            parts.append(tf.abs(scalars) * tf.gather(norms_of_gradients, [scaled[p][1] for p in from_gradient]))
+            order += from_gradient
+        changes = tf.concat(parts, 0) if len(parts) > 1 else parts[0]
+        return changes if order == indices else tf.gather(changes, [order.index(p) for p in indices])
+
     @contextlib.contextmanager
-    def _observing(self, calls, weights_read, half_squares):
+    def _observing(self, calls, weights_read, half_squares, scaled, row_of):
         """Wraps the optimizer's assign methods while `update` is traced."""
         if not calls:
             yield
@@ -146,18 +200,25 @@ class UpdateMeter:
         graph = tf.compat.v1.get_default_graph()
         with _keras_compat.wrapped_assign_methods(
                 self.optimizer,
-                lambda name, original: self._observer(original, name, calls, weights_read, half_squares, graph)):
+                lambda name, original: self._observer(original, name, calls, weights_read, half_squares, graph,
+                                                      scaled, row_of)):
             yield
 
-    def _observer(self, original, method, calls, weights_read, half_squares, graph):
+    def _observer(self, original, method, calls, weights_read, half_squares, graph, scaled, row_of):
         def observe(variable, value):
             position = self.position_of(variable)
             if position not in calls:
                 return original(variable, value)
             calls[position] += 1
+            in_graph = tf.compat.v1.get_default_graph() is graph
+            match = _scaled_gradient(value, row_of) if in_graph and method != "assign" else None
+            if match is not None:
+                scaled[position] = match
+                with tf.control_dependencies([weights_read]):
+                    return original(variable, value)
             with tf.name_scope("keras_vg"):
                 half_square = self._half_change_square(variable, value, method)
-                if half_square is not None and tf.compat.v1.get_default_graph() is not graph:
+                if half_square is not None and not in_graph:
                     self._half_change_squares.scatter_nd_update([[position]], tf.reshape(half_square, [1]))
                 elif half_square is not None:
                     half_squares[position] = half_square

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import keras_vg
-from keras_vg import _keras_compat
+from keras_vg import _keras_compat, weight_updates
 
 pytestmark = pytest.mark.fit
 
@@ -121,6 +121,31 @@ def test_sparse_updates_with_repeated_rows_are_summed_before_the_norm(tmp_path):
     model, data = embedding_model(keras.optimizers.SGD(0.5))
     monitor, (norms, ratios), (expected_norms, expected_ratios) = recorded_and_expected(tmp_path, model, data)
     assert all(monitor.tap._update_meter.observed)
+    np.testing.assert_allclose(norms, expected_norms, rtol=1e-5)
+    np.testing.assert_allclose(ratios, expected_ratios, rtol=1e-4, atol=RATIO_ATOL)
+
+
+class WarmUpFromZero(keras.optimizers.schedules.LearningRateSchedule):
+    def __call__(self, step):
+        return 0.05 * keras.ops.cast(step, "float32")
+
+
+def test_plain_sgd_update_norm_is_the_learning_rate_times_the_recorded_gradient_norm(tmp_path, monkeypatch):
+    """SGD's Δw = −lr·g: ‖Δw‖ is |lr|·‖g‖ from the record, with no pass over the update; a learning rate of 0
+    (a warm-up's first step) reads a ratio of 0, as the weights do."""
+    from_gradient = []
+    original = weight_updates._scaled_gradient
+
+    def spy(value, row_of):
+        match = original(value, row_of)
+        from_gradient.append(match is not None)
+        return match
+
+    monkeypatch.setattr(weight_updates, "_scaled_gradient", spy)
+    model, data = dense_model(keras.optimizers.SGD(WarmUpFromZero()))
+    monitor, (norms, ratios), (expected_norms, expected_ratios) = recorded_and_expected(tmp_path, model, data)
+    assert from_gradient == [True] * 4, "every dense update should take its norm from the gradient's"
+    assert np.all(ratios[0] == 0) and np.all(ratios[1:] > 0)
     np.testing.assert_allclose(norms, expected_norms, rtol=1e-5)
     np.testing.assert_allclose(ratios, expected_ratios, rtol=1e-4, atol=RATIO_ATOL)
 
