@@ -204,21 +204,23 @@ def peak_memory(arm, steps):
 
 def memory_table(arm_names, repeats):
     print("\nPeak resident memory of one process per arm, 4 x 2048 ReLU MLP, Adam, above plain's "
-          f"(median of {repeats} processes each):")
-    peaks = {}
-    for arm in ["plain"] + arm_names:
-        values = []
-        for _ in range(repeats):
+          f"(median of {repeats} processes each, the arms' processes interleaved):")
+    arms = ["plain"] + arm_names
+    values = {arm: [] for arm in arms}
+    for _ in range(repeats):  # round-robin, so that a drift of the machine's memory reaches every arm alike
+        for arm in arms:
             out = subprocess.run([sys.executable, __file__, "--peak-memory-of", arm], capture_output=True,
                                  text=True, check=True)
-            values.append(json.loads(out.stdout.strip().splitlines()[-1]))
-        peaks[arm] = (statistics.median(v[0] for v in values), values[0][1])
+            values[arm].append(json.loads(out.stdout.strip().splitlines()[-1]))
+    peaks = {arm: (statistics.median(v[0] for v in runs), runs[0][1]) for arm, runs in values.items()}
     plain, parameters = peaks.pop("plain")
     print(f"plain: {plain / 2**20:.0f} MiB; parameters {parameters / 2**20:.1f} MiB\n")
-    print("| arm | extra peak memory | as a multiple of the parameters |")
-    print("|---|---|---|")
+    print("| arm | extra peak memory | as a multiple of the parameters | spread of its processes |")
+    print("|---|---|---|---|")
     for arm, (peak, _) in peaks.items():
-        print(f"| {arm} | {(peak - plain) / 2**20:+.1f} MiB | {(peak - plain) / parameters:+.2f}x |")
+        runs = [v[0] for v in values[arm]]
+        print(f"| {arm} | {(peak - plain) / 2**20:+.1f} MiB | {(peak - plain) / parameters:+.2f}x | "
+              f"{(min(runs) - plain) / parameters:+.2f}x to {(max(runs) - plain) / parameters:+.2f}x |")
 
 
 def main():
@@ -240,7 +242,7 @@ def main():
         return
     print(f"Keras {keras.__version__} on {describe_backend()}")
     if args.memory:
-        memory_table([a for a in args.arms if a != "plain (A/A)"], args.repeats)
+        memory_table(args.arms, args.repeats)
         return
     for name in args.models:
         run_model(name, args.arms, args.rounds, args.batches, True if args.jit else "auto")
