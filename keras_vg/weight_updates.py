@@ -56,9 +56,8 @@ def _scaled_gradient(value, row_of):
     Returns:
         A pair `(scalar tensor, int)`, or None.
     """
-    if not row_of or not isinstance(value, tf.Tensor) or tf.executing_eagerly() or value.op.type != "Mul":
-        return None
-    if value.dtype != tf.float32:
+    if (not row_of or not isinstance(value, tf.Tensor) or tf.executing_eagerly() or value.dtype != tf.float32
+            or value.op.type != "Mul"):
         return None
     first, second = value.op.inputs
     for gradient, scalar in ((first, second), (second, first)):
